@@ -1,0 +1,153 @@
+"""The agent: every component's lifespan, entered in order and exited in reverse.
+
+Start: bus -> streams -> plugins -> state rebuilt from the streams -> push worker -> consumers
+-> request/reply -> HTTP. Stop is the mirror image, so by the time the bus closes every
+delivered message has been applied and settled and every owed push has been attempted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from agent.config import Settings
+from agent.disposition import Settler
+from agent.http_api import ApiState, serving
+from agent.ingest import Ingestor, ensure_streams
+from agent.metrics import Metrics
+from agent.models import InvalidMessage, decode_json, parse_recommend_request
+from agent.nats_server import embedded_nats_server
+from agent.pipeline import Pipeline
+from agent.plugin_manager import get_plugin_manager
+from agent.pushes import PushScheduler
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP = "recsys-agent"
+
+
+@asynccontextmanager
+async def nats_connection(url: str) -> AsyncIterator[NATS]:
+    async def on_error(exc: Exception) -> None:
+        log.warning("NATS: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("NATS connection lost; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("NATS connection restored")
+
+    nc = await nats.connect(
+        url,
+        name="recsys-agent",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    try:
+        yield nc
+    finally:
+        with suppress(Exception):
+            await nc.drain()
+        if not nc.is_closed:
+            await nc.close()
+
+
+class Agent:
+    """Use as ``async with Agent(settings) as agent:``; it serves until the block exits."""
+
+    def __init__(self, settings: Settings, extra_plugins: Iterable[tuple[str, Any]] = ()) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.pm = get_plugin_manager(settings, extra_plugins)
+        self.pipeline = Pipeline(settings, self.pm, self.metrics)
+        self.nats_url = settings.nats_url
+        self.http_url = ""
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Agent:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self._start(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+        log.info("agent stopped")
+
+    async def _start(self, stack: AsyncExitStack) -> None:
+        settings = self.settings
+        if not settings.nats_url:
+            server = await stack.enter_async_context(
+                embedded_nats_server(settings.data_dir / "nats", settings.nats_port, binary=settings.nats_server_bin)
+            )
+            self.nats_url = server.url
+        nc = await stack.enter_async_context(nats_connection(self.nats_url))
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        self.pipeline.context.nc = nc
+        self.pipeline.context.js = js
+        await stack.enter_async_context(self.pipeline.running())
+
+        pushes = PushScheduler(self.pipeline)
+        settler = Settler(js, settings.subject("dlq"), self.metrics)
+        ingestor = Ingestor(settings, js, self.pipeline, settler, pushes.schedule)
+        started = time.perf_counter()
+        await ingestor.rebuild()
+        log.info(
+            "state rebuilt in %.2f s: %d items, %d users",
+            time.perf_counter() - started, self.pipeline.catalog.active_count(), len(self.pipeline.users),
+        )
+        await stack.enter_async_context(pushes.running())
+        await stack.enter_async_context(ingestor.consuming())
+        await stack.enter_async_context(self._recommend_responder(nc))
+
+        routes = [route for _, answer in await self.pipeline.hooks.call_all("recsys_http_routes") for route in answer]
+        api = ApiState(settings=settings, pipeline=self.pipeline, js=js, nats_url=self.nats_url, started_at=time.time())
+        self.http_url = await stack.enter_async_context(serving(api, routes))
+        log.info("agent ready: NATS %s, HTTP %s", self.nats_url, self.http_url)
+
+    @asynccontextmanager
+    async def _recommend_responder(self, nc: NATS) -> AsyncIterator[None]:
+        async def on_request(msg: Msg) -> None:
+            self.metrics.requests.labels(via="nats").inc()
+            try:
+                request = parse_recommend_request(
+                    decode_json(msg.data, self.settings.max_payload_bytes), max_k=self.settings.max_k
+                )
+                recs = await self.pipeline.recommend(
+                    request.user_id, request.k, categories=request.categories, exclude=request.exclude
+                )
+                body = recs.to_json()
+            except InvalidMessage as exc:
+                body = orjson.dumps({"error": str(exc)})
+            except Exception as exc:
+                log.exception("recommend request failed")
+                body = orjson.dumps({"error": f"internal error: {type(exc).__name__}"})
+            if msg.reply:
+                await msg.respond(body)
+
+        # A queue group, so that several agents answer requests between them.
+        sub = await nc.subscribe(self.settings.subject("recommend"), queue=QUEUE_GROUP, cb=on_request)
+        try:
+            yield
+        finally:
+            with suppress(Exception):
+                await sub.drain()

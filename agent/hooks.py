@@ -1,0 +1,100 @@
+"""Calling hooks under the agent's one async rule, with a timeout and isolation per plugin.
+
+pluggy's own ``hook(...)`` stops at the first exception and cannot time out one
+implementation, so the agent calls each implementation itself, in pluggy's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pluggy
+
+from agent.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class HookRunner:
+    def __init__(self, pm: pluggy.PluginManager, metrics: Metrics, timeout_s: float) -> None:
+        self.pm = pm
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
+
+    def refresh(self) -> None:
+        """Forget the cached implementation lists; call after registering or removing plugins."""
+        self._impls.clear()
+
+    def _implementations(self, hook_name: str) -> list[tuple[str, Any, tuple[str, ...]]]:
+        impls = self._impls.get(hook_name)
+        if impls is None:
+            caller = getattr(self.pm.hook, hook_name)
+            impls = []
+            # get_hookimpls() lists in registration order; pluggy calls in reverse.
+            for impl in reversed(caller.get_hookimpls()):
+                if impl.hookwrapper or impl.wrapper:
+                    raise TypeError(f"plugin {impl.plugin_name}: wrappers are not supported on {hook_name}")
+                impls.append((impl.plugin_name, impl.function, tuple(impl.argnames)))
+            self._impls[hook_name] = impls
+        return impls
+
+    def plugin_names(self, hook_name: str) -> list[str]:
+        return [name for name, _, _ in self._implementations(hook_name)]
+
+    async def _call_one(self, hook_name: str, plugin: str, function: Any, argnames: tuple[str, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        """Run one implementation; returns (ok, result). Never raises except on cancellation."""
+        start = time.perf_counter()
+        try:
+            result = function(*[kwargs[name] for name in argnames])
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(self.timeout_s):
+                    result = await result
+        except TimeoutError:
+            self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="timeout").inc()
+            log.warning("plugin %s timed out in %s after %.0f ms", plugin, hook_name, self.timeout_s * 1000)
+            return False, None
+        except Exception:
+            self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="error").inc()
+            log.exception("plugin %s failed in %s", plugin, hook_name)
+            return False, None
+        elapsed = time.perf_counter() - start
+        if elapsed > self.timeout_s:
+            # A synchronous implementation cannot be interrupted; it is reported so that the
+            # operator can move it off the hot path or make it asynchronous.
+            self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="slow").inc()
+            log.warning("plugin %s took %.0f ms in %s (budget %.0f ms)", plugin, elapsed * 1000, hook_name, self.timeout_s * 1000)
+        return True, result
+
+    def _each(self, hook_name: str) -> Iterator[tuple[str, Any, tuple[str, ...]]]:
+        return iter(self._implementations(hook_name))
+
+    async def call_all(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Every implementation's non-None answer, as (plugin name, result), in call order."""
+        results = []
+        for plugin, function, argnames in self._each(hook_name):
+            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs)
+            if ok and result is not None:
+                results.append((plugin, result))
+        return results
+
+    async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
+        """The first non-None answer in call order, or None."""
+        for plugin, function, argnames in self._each(hook_name):
+            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs)
+            if ok and result is not None:
+                return result
+        return None
+
+    async def call_chain(self, hook_name: str, chained: str, **kwargs: Any) -> Any:
+        """Thread ``kwargs[chained]`` through every implementation; None keeps the value."""
+        for plugin, function, argnames in self._each(hook_name):
+            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs)
+            if ok and result is not None:
+                kwargs[chained] = result
+        return kwargs[chained]

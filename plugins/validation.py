@@ -1,0 +1,46 @@
+"""Built-in collector checks beyond the wire schema."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from agent.catalog import Catalog
+from agent.context import AgentContext
+from agent.hookspecs import hookimpl
+from agent.models import Event
+
+
+class EventValidation:
+    """Rejects events stamped too far in the future (a client with a broken clock would
+    otherwise dominate every time-decayed statistic) and ratings outside the configured scale.
+
+    Options (``[plugins.event_validation]``): ``max_future_skew_s`` (default 86400),
+    ``rating_min`` / ``rating_max`` (default 0 and 10).
+    """
+
+    def __init__(self) -> None:
+        self.max_future_skew_s = 86_400.0
+        self.rating_min = 0.0
+        self.rating_max = 10.0
+
+    @hookimpl
+    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None] | None:
+        return self._configure(ctx)
+
+    @asynccontextmanager
+    async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
+        options = ctx.options("event_validation")
+        self.max_future_skew_s = float(options.get("max_future_skew_s", self.max_future_skew_s))
+        self.rating_min = float(options.get("rating_min", self.rating_min))
+        self.rating_max = float(options.get("rating_max", self.rating_max))
+        yield
+
+    @hookimpl
+    def recsys_validate_event(self, event: Event, catalog: Catalog) -> str | None:
+        if event.ts > time.time() + self.max_future_skew_s:
+            return f"timestamp {event.ts:.0f} is more than {self.max_future_skew_s:.0f} s in the future"
+        if event.type == "rate" and event.value is not None and not self.rating_min <= event.value <= self.rating_max:
+            return f"rating {event.value} is outside [{self.rating_min}, {self.rating_max}]"
+        return None

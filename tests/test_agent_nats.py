@@ -1,0 +1,195 @@
+"""The agent driven over a real nats-server and its HTTP API, as a client would."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from agent.app import Agent
+from agent.config import Settings
+from agent.tokens import user_token
+
+from .conftest import Client, catalog, make_settings
+
+
+async def _applied(agent: Agent) -> float:
+    return agent.metrics.value("recsys_events_applied_total")
+
+
+async def test_event_gets_push_with_its_event_id_and_trending_items(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(20))
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 20)
+        for i, item in enumerate(["item-1", "item-1", "item-2"]):
+            await client.publish_event({"id": f"pop-{i}", "type": "view", "user_id": f"other-{i}", "item_id": item})
+        await client.publish_event({"id": "e1", "type": "click", "user_id": "alice", "item_id": "item-1"})
+        await client.wait_for(lambda: "e1" in client.reflected_event_ids())
+    push = next(p for p in client.pushes if p.get("event_id") == "e1")
+    assert push["user_id"] == "alice"
+    ids = [entry["item_id"] for entry in push["items"]]
+    assert "item-1" not in ids, "an item the user interacted with is never recommended back"
+    assert ids[0] == "item-2", "the most popular unseen item comes first"
+    assert all(entry["reasons"] for entry in push["items"])
+    assert len(ids) == settings.default_k
+
+
+async def test_push_subject_uses_the_user_token(settings: Settings, client: Client) -> None:
+    odd_user = "bob@example.com"
+    got: list[bytes] = []
+
+    async def on_msg(msg) -> None:  # type: ignore[no-untyped-def]
+        got.append(msg.data)
+
+    await client.nc.subscribe(settings.subject("recs", user_token(odd_user)), cb=on_msg)
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(5))
+        await client.publish_event({"id": "x1", "type": "view", "user_id": odd_user, "item_id": "item-0"})
+        await client.wait_for(lambda: len(got) == 1)
+        assert await _applied(agent) == 1
+    assert orjson.loads(got[0])["user_id"] == odd_user
+
+
+async def test_request_reply_and_http_api(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(30))
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 30)
+        async with aiohttp.ClientSession(agent.http_url) as http:
+            response = await http.post("/v1/events", json={"id": "h1", "type": "purchase", "user_id": "carol", "item_id": "item-3"})
+            assert response.status == 202, await response.text()
+            await client.wait_for(lambda: "h1" in client.reflected_event_ids())
+
+            response = await http.get("/v1/users/carol/recommendations", params={"k": "5"})
+            body = await response.json()
+            assert response.status == 200 and len(body["items"]) == 5
+            assert "item-3" not in [entry["item_id"] for entry in body["items"]]
+
+            response = await http.get("/v1/users/carol/recommendations", params={"k": "many"})
+            assert response.status == 400 and "k must be" in (await response.json())["error"]
+
+            response = await http.post("/v1/events", data=b"{not json")
+            assert response.status == 400 and "invalid JSON" in (await response.json())["error"]
+            response = await http.post("/v1/events", json={"type": "teleport", "user_id": "u", "item_id": "i"})
+            assert response.status == 400 and "unknown event type" in (await response.json())["error"]
+
+            health = await (await http.get("/healthz")).json()
+            assert health["status"] == "ok" and health["events_applied"] == 1
+            metrics = await (await http.get("/metrics")).text()
+            assert "recsys_events_applied_total 1.0" in metrics
+
+        reply = await client.nc.request(settings.subject("recommend"), orjson.dumps({"user_id": "carol", "k": 3}), timeout=5)
+        body = orjson.loads(reply.data)
+        assert body["user_id"] == "carol" and len(body["items"]) == 3
+        reply = await client.nc.request(settings.subject("recommend"), b'{"k": 3}', timeout=5)
+        assert "missing field 'user_id'" in orjson.loads(reply.data)["error"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "subject_type", "reason"),
+    [
+        (b"{oops", "view", "invalid JSON"),
+        (b"[1, 2]", "view", "must be a JSON object"),
+        (b'{"type": "view", "item_id": "i"}', "view", "missing field 'user_id'"),
+        (b'{"type": "view", "user_id": 7, "item_id": "i"}', "view", "'user_id' must be a string"),
+        (b'{"type": "zap", "user_id": "u", "item_id": "i"}', "zap", "unknown event type"),
+        (b'{"type": "rate", "user_id": "u", "item_id": "i"}', "rate", "needs a numeric 'value'"),
+        (b'{"type": "view", "user_id": "u", "item_id": "i", "ts": "yesterday"}', "view", "RFC 3339"),
+        (b'{"type": "click", "user_id": "u", "item_id": "i"}', "view", "subject names type"),
+        (b'{"type": "view", "user_id": "u", "item_id": "i", "context": {"pad": "' + b"x" * 70_000 + b'"}}', "view", "exceeds the limit"),
+    ],
+)
+async def test_bad_event_goes_to_dlq_with_reason(settings: Settings, client: Client, payload: bytes, subject_type: str, reason: str) -> None:
+    async with Agent(settings) as agent:
+        await client.publish_event(payload, event_type=subject_type)
+        await client.publish_event({"id": "ok", "type": "view", "user_id": "u", "item_id": "i"})
+        await client.wait_for(lambda: client.dead_letters and "ok" in client.reflected_event_ids())
+        assert await _applied(agent) == 1
+    [letter] = client.dead_letters
+    assert reason in letter["reason"], letter
+    assert letter["subject"] == settings.subject("events", subject_type)
+
+
+async def test_duplicate_event_id_counts_once(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        event = {"id": "dup", "type": "view", "user_id": "dave", "item_id": "item-1"}
+        for _ in range(3):
+            await client.publish_event(event)
+        await client.publish_event({"id": "last", "type": "view", "user_id": "dave", "item_id": "item-2"})
+        await client.wait_for(lambda: "last" in client.reflected_event_ids())
+        assert await _applied(agent) == 2
+        assert agent.metrics.value("recsys_events_duplicate_total") == 2
+        assert agent.pipeline.users.get("dave").event_count == 2  # type: ignore[union-attr]
+    assert client.reflected_event_ids().count("dup") == 1
+
+
+async def test_bad_catalog_messages_are_dead_lettered(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        await client.upsert(b'{"id": "no-title"}')
+        await client.upsert([{"id": "a", "title": "A"}, {"id": "b", "title": 5}])
+        await client.js.publish(settings.subject("catalog", "delete"), b'{"nope": 1}')
+        await client.upsert({"id": "good", "title": "Good"})
+        await client.wait_for(lambda: len(client.dead_letters) == 3 and "good" in agent.pipeline.catalog)
+        assert "a" not in agent.pipeline.catalog, "one bad item rejects its whole batch"
+        await client.js.publish(settings.subject("catalog", "delete"), b'{"id": "good"}')
+        await client.wait_for(lambda: "good" not in agent.pipeline.catalog)
+    reasons = " | ".join(letter["reason"] for letter in client.dead_letters)
+    assert "missing field 'title'" in reasons and "item 1: field 'title' must be a string" in reasons
+    assert "a delete needs" in reasons
+
+
+async def test_thousand_events_exactly_once_and_hundred_malformed(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(200))
+        for i in range(1000):
+            await client.publish_event({"id": f"ev-{i}", "type": "view", "user_id": f"user-{i % 50}", "item_id": f"item-{(i * 7) % 200}"})
+            if i % 10 == 0:
+                await client.publish_event(b'{"type": "view", "user_id": ' + str(i).encode() + b"}")
+        await client.wait_for(lambda: len(set(client.reflected_event_ids())) == 1000 and len(client.dead_letters) == 100, timeout=60)
+        assert await _applied(agent) == 1000
+        assert agent.metrics.value("recsys_pushed_events_total") == 1000
+        assert agent.metrics.value("recsys_dead_letters_total", source="events") == 100
+        # still serving
+        reply = await client.nc.request(settings.subject("recommend"), b'{"user_id": "user-1"}', timeout=5)
+        assert len(orjson.loads(reply.data)["items"]) == 10
+    ids = client.reflected_event_ids()
+    assert len(ids) == 1000 and set(ids) == {f"ev-{i}" for i in range(1000)}
+    assert all("reason" in letter and letter["payload"] for letter in client.dead_letters)
+
+
+async def test_restart_applies_events_published_while_down_and_keeps_state(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(10))
+        await client.publish_event({"id": "before", "type": "view", "user_id": "erin", "item_id": "item-1"})
+        await client.wait_for(lambda: "before" in client.reflected_event_ids())
+    # the agent is down: these wait in the stream
+    for i in range(5):
+        await client.publish_event({"id": f"down-{i}", "type": "view", "user_id": "erin", "item_id": f"item-{i + 2}"})
+    async with Agent(settings) as agent:
+        await client.wait_for(lambda: {f"down-{i}" for i in range(5)} <= set(client.reflected_event_ids()))
+        user = agent.pipeline.users.get("erin")
+        assert user is not None and user.event_count == 6, "state before the restart was rebuilt"
+        assert agent.metrics.value("recsys_events_applied_total") == 6
+        recs = await agent.pipeline.recommend("erin")
+        shown = {entry.item_id for entry in recs.items}
+        assert shown.isdisjoint({f"item-{i}" for i in range(1, 7)})
+    assert client.reflected_event_ids().count("before") == 1
+
+
+async def test_catalog_survives_restart(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(7))
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 7)
+    async with Agent(settings) as agent:
+        assert agent.pipeline.catalog.active_count() == 7
+
+
+async def test_two_prefixes_do_not_mix(nats_url: str, tmp_path: Path, client: Client, settings: Settings) -> None:
+    other = make_settings(nats_url, tmp_path / "other")
+    async with Agent(settings), Agent(other) as second:
+        await client.publish_event({"id": "mine", "type": "view", "user_id": "f", "item_id": "i"})
+        await client.wait_for(lambda: "mine" in client.reflected_event_ids())
+        await asyncio.sleep(0.1)
+        assert second.metrics.value("recsys_events_applied_total") == 0

@@ -1,0 +1,139 @@
+"""The ``recsys-agent run`` process: embedded defaults, signals, restart under load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import nats
+import orjson
+import pytest
+
+from agent.config import Settings
+
+from .conftest import Client
+
+LISTENING = re.compile(r"listening: NATS (\S+)\s+HTTP (\S+)")
+
+
+async def start_agent(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "run", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    seen = []
+    async with asyncio.timeout(60):
+        while True:
+            line = (await process.stdout.readline()).decode()
+            if not line:
+                raise AssertionError("agent exited:\n" + "".join(seen))
+            seen.append(line)
+            match = LISTENING.search(line)
+            if match:
+                break
+
+    async def drain() -> None:
+        async for _ in process.stdout:  # type: ignore[union-attr]
+            pass
+
+    asyncio.get_running_loop().create_task(drain())
+    return process, match.group(1), match.group(2)
+
+
+async def stop(process: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> float:
+    started = time.perf_counter()
+    process.send_signal(sig)
+    async with asyncio.timeout(15):
+        await process.wait()
+    return time.perf_counter() - started
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    return {
+        "RECSYS_NATS_URL": settings.nats_url,
+        "RECSYS_SUBJECT_PREFIX": settings.subject_prefix,
+        "RECSYS_STREAM_NAME": settings.stream_name,
+        "RECSYS_CATALOG_STREAM_NAME": settings.catalog_stream_name,
+        "RECSYS_CONSUMER_NAME": settings.consumer_name,
+        "RECSYS_HTTP_PORT": "0",
+        "RECSYS_DATA_DIR": str(settings.data_dir),
+        "RECSYS_LOAD_ENTRY_POINTS": "false",
+    }
+
+
+async def test_run_with_embedded_defaults_serves_and_stops_its_nats_server(tmp_path: Path) -> None:
+    process, nats_url, http_url = await start_agent("--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
+    try:
+        async with aiohttp.ClientSession() as http:
+            health = await (await http.get(f"{http_url}/healthz")).json()
+            assert health["status"] == "ok" and health["nats_url"] == nats_url
+        nc = await nats.connect(nats_url)
+        got = asyncio.Event()
+
+        async def on_push(msg: object) -> None:
+            got.set()
+
+        await nc.subscribe("recsys.recs.amy", cb=on_push)
+        await nc.jetstream().publish("recsys.catalog.upsert", orjson.dumps([{"id": "m1", "title": "M1"}, {"id": "m2", "title": "M2"}]))
+        await nc.jetstream().publish("recsys.events.view", orjson.dumps({"id": "a1", "type": "view", "user_id": "amy", "item_id": "m1"}))
+        async with asyncio.timeout(10):
+            await got.wait()
+        await nc.close()
+    finally:
+        elapsed = await stop(process, signal.SIGINT)
+    assert process.returncode == 0 and elapsed < 5
+    assert (tmp_path / "nats" / "jetstream").is_dir()
+    host, port = nats_url.removeprefix("nats://").rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(host, int(port))
+
+
+async def test_sigterm_under_load_exits_fast_and_loses_nothing(settings: Settings, client: Client) -> None:
+    env = env_for(settings)
+    process, _, _ = await start_agent(env=env)
+    await client.upsert([{"id": f"item-{i}", "title": f"Item {i}"} for i in range(100)])
+    total = 3000
+    ids = [f"load-{i}" for i in range(total)]
+    for i, event_id in enumerate(ids[: total // 2]):
+        await client.publish_event({"id": event_id, "type": "view", "user_id": f"u{i % 40}", "item_id": f"item-{i % 100}"})
+    # the signal lands while events are still flowing in
+    publisher = asyncio.create_task(_publish_rest(client, ids, total // 2))
+    await asyncio.sleep(0.05)
+    elapsed = await stop(process)
+    await publisher
+    assert process.returncode == 0 and elapsed < 5, f"took {elapsed:.2f} s"
+
+    process, _, http_url = await start_agent(env=env)
+    try:
+        await client.wait_for(lambda: set(client.reflected_event_ids()) >= set(ids), timeout=60)
+        info = await client.js.consumer_info(settings.stream_name, settings.consumer_name)
+        assert info.num_pending == 0 and info.num_ack_pending == 0
+        async with aiohttp.ClientSession() as http:
+            health = await (await http.get(f"{http_url}/healthz")).json()
+        assert health["users"] == 40
+    finally:
+        await stop(process)
+
+
+async def _publish_rest(client: Client, ids: list[str], start: int) -> None:
+    for i in range(start, len(ids)):
+        await client.publish_event({"id": ids[i], "type": "view", "user_id": f"u{i % 40}", "item_id": f"item-{i % 100}"})
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--http-port", "seventy"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "RECSYS_DATA_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "config key 'http_port' (from command line) must be an integer" in result.stderr

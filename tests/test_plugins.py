@@ -1,0 +1,184 @@
+"""The plugin system: ordering, the async rule, failing and slow plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent import hookspecs
+from agent.app import Agent
+from agent.config import Settings, load_settings
+from agent.hookspecs import hookimpl
+from agent.models import Event, Item
+from agent.pipeline import ApplyOutcome, Pipeline
+from agent.plugin_manager import BUILTIN_PLUGINS, get_plugin_manager
+from agent.ranking import Candidates, Query, Scored
+
+from .conftest import Client, catalog
+
+
+def offline_settings(**overrides: Any) -> Settings:
+    return load_settings(env={}, overrides={"load_entry_points": False, **overrides})
+
+
+def event(i: int, user: str = "u1", item: str | None = None, kind: str = "view") -> Event:
+    return Event(type=kind, user_id=user, ts=1_000.0 + i, id=f"e{i}", item_id=item or f"item-{i}")
+
+
+async def pipeline_with(*plugins: tuple[str, Any], **overrides: Any) -> Pipeline:
+    settings = offline_settings(**overrides)
+    pipeline = Pipeline(settings, get_plugin_manager(settings, plugins))
+    await pipeline.upsert_items([Item(id=f"item-{i}", title=f"Item {i}", categories=("c",)) for i in range(30)])
+    return pipeline
+
+
+def recorder(name: str, log: list[str], **marks: bool) -> object:
+    class Recorder:
+        @hookimpl(**marks)
+        def recsys_rerank(self, query: Query, ranked: list[Scored]) -> None:
+            log.append(name)
+
+    return Recorder()
+
+
+async def test_rerank_chain_follows_pluggy_order_and_tryfirst() -> None:
+    calls: list[str] = []
+    pipeline = await pipeline_with(
+        ("first_registered", recorder("first_registered", calls)),
+        ("second_registered", recorder("second_registered", calls)),
+        ("eager", recorder("eager", calls, tryfirst=True)),
+    )
+    async with pipeline.running():
+        await pipeline.recommend("u1")
+    assert calls == ["eager", "second_registered", "first_registered"]
+    names = pipeline.hooks.plugin_names("recsys_rerank")
+    assert names[-1] == "exclude_seen", "the exclusion safety net runs after every other reranker"
+
+
+class BoostSource:
+    """A third-party candidate source that always proposes item-29 first."""
+
+    @hookimpl
+    def recsys_candidates(self, query: Query) -> Candidates:
+        return Candidates(source="boost", slots=np.array([query.catalog.slot("item-29")]), scores=np.array([1.0]), reasons="boosted")
+
+
+async def test_third_party_source_is_fused_with_its_reason() -> None:
+    pipeline = await pipeline_with(("boost", BoostSource()))
+    async with pipeline.running():
+        await pipeline.apply_event(event(1, item="item-3"))
+        recs = await pipeline.recommend("u1", 5)
+    top = recs.items[0]
+    assert top.item_id == "item-29" and "boosted" in top.reasons
+
+
+class Broken:
+    @hookimpl
+    def recsys_apply_event(self, event: Event) -> None:
+        raise RuntimeError("boom")
+
+    @hookimpl
+    def recsys_candidates(self, query: Query) -> None:
+        raise RuntimeError("boom")
+
+
+class Slow:
+    @hookimpl
+    async def recsys_candidates(self, query: Query) -> None:
+        await asyncio.sleep(30)
+
+    @hookimpl
+    async def recsys_publish(self, recommendations: Any, user_token: str) -> None:
+        await asyncio.sleep(30)
+
+
+async def test_failing_plugin_is_counted_and_the_event_still_applies() -> None:
+    pipeline = await pipeline_with(("broken", Broken()))
+    async with pipeline.running():
+        assert await pipeline.apply_event(event(1)) is ApplyOutcome.APPLIED
+        recs = await pipeline.recommend("u1")
+    assert len(recs.items) == 10
+    metrics = pipeline.metrics
+    assert metrics.value("recsys_plugin_failures_total", plugin="broken", hook="recsys_apply_event", kind="error") == 1
+    assert metrics.value("recsys_plugin_failures_total", plugin="broken", hook="recsys_candidates", kind="error") == 1
+
+
+async def test_slow_async_plugin_is_cut_off_at_the_stage_timeout() -> None:
+    pipeline = await pipeline_with(("slow", Slow()), stage_timeout_ms=50)
+    async with pipeline.running():
+        await pipeline.apply_event(event(1))
+        started = time.perf_counter()
+        recs = await pipeline.recommend("u1")
+        elapsed = time.perf_counter() - started
+    assert len(recs.items) == 10 and elapsed < 5
+    assert pipeline.metrics.value("recsys_plugin_failures_total", plugin="slow", hook="recsys_candidates", kind="timeout") == 1
+
+
+async def test_broken_and_slow_plugins_over_nats_do_not_stop_pushes(settings: Settings, client: Client) -> None:
+    settings.stage_timeout_ms = 100
+    async with Agent(settings, [("broken", Broken()), ("slow", Slow())]) as agent:
+        await client.upsert(catalog(20))
+        for i in range(5):
+            await client.publish_event({"id": f"s{i}", "type": "view", "user_id": "zed", "item_id": f"item-{i}"})
+        await client.wait_for(lambda: "s4" in client.reflected_event_ids())
+        assert agent.metrics.value("recsys_events_applied_total") == 5
+    assert all(len(p["items"]) == 10 for p in client.pushes)
+
+
+class Rejector:
+    @hookimpl
+    def recsys_validate_event(self, event: Event) -> str | None:
+        return "no bots" if event.user_id.startswith("bot") else None
+
+
+async def test_validation_hook_rejects_with_its_reason(settings: Settings, client: Client) -> None:
+    async with Agent(settings, [("rejector", Rejector())]) as agent:
+        await client.publish_event({"type": "view", "user_id": "bot-7", "item_id": "i"})
+        await client.publish_event({"id": "h", "type": "view", "user_id": "human", "item_id": "i"})
+        await client.wait_for(lambda: client.dead_letters and "h" in client.reflected_event_ids())
+        assert agent.metrics.value("recsys_events_applied_total") == 1
+    assert client.dead_letters[0]["reason"] == "no bots (plugin rejector)"
+
+
+async def test_disabled_builtin_is_not_registered() -> None:
+    settings = offline_settings(disabled_plugins="trending")
+    pm = get_plugin_manager(settings)
+    assert not pm.has_plugin("trending") and pm.has_plugin("rrf_fusion")
+
+
+def test_builtins_are_registered_under_their_names() -> None:
+    pm = get_plugin_manager(offline_settings())
+    assert {name for name, _ in pm.list_name_plugin()} >= set(BUILTIN_PLUGINS)
+
+
+def test_every_hook_is_documented_with_its_semantics() -> None:
+    specs = [name for name in dir(hookspecs) if name.startswith("recsys_")]
+    assert len(specs) >= 12
+    for name in specs:
+        doc = getattr(hookspecs, name).__doc__ or ""
+        assert len(doc.split()) >= 12, f"{name} needs a docstring that states its semantics"
+        assert any(word in doc for word in ("All implementations", "first answer wins", "a chain", "(a chain)")), name
+
+
+def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "thirdparty-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[recsys_agent]\ngood = thirdparty_plugin:Plugin\nbad = thirdparty_missing:Plugin\n"
+    )
+    (tmp_path / "thirdparty_plugin.py").write_text(
+        "from agent.hookspecs import hookimpl\n"
+        "class Plugin:\n"
+        "    @hookimpl\n"
+        "    def recsys_forget_user(self, user_id):\n"
+        "        return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = get_plugin_manager(load_settings(env={}))
+    assert pm.has_plugin("good") and not pm.has_plugin("bad")
