@@ -7,6 +7,7 @@ delivered message has been applied and settled and every owed push has been atte
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -32,6 +33,7 @@ from agent.pushes import PushScheduler
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "recsys-agent"
+DRAIN_TIMEOUT_S = 3
 
 
 @asynccontextmanager
@@ -50,6 +52,8 @@ async def nats_connection(url: str) -> AsyncIterator[NATS]:
         name="recsys-agent",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        # bounded, so that shutting down never waits long on a bus that is gone
+        drain_timeout=DRAIN_TIMEOUT_S,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
@@ -150,4 +154,5 @@ class Agent:
             yield
         finally:
             with suppress(Exception):
-                await sub.drain()
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    await sub.drain()

@@ -21,6 +21,7 @@ class Catalog:
         self.ids: list[str] = []
         self.items: list[Item | None] = []
         self._active = np.zeros(1024, dtype=bool)
+        self._by_category: dict[str, set[int]] = {}
 
     @property
     def size(self) -> int:
@@ -54,7 +55,13 @@ class Catalog:
     def upsert(self, item: Item) -> tuple[int, bool]:
         """Store ``item``; returns its slot and whether anything about it changed."""
         slot = self.ensure_slot(item.id)
-        changed = self.items[slot] != item or not self._active[slot]
+        previous = self.items[slot]
+        changed = previous != item or not self._active[slot]
+        if previous is not None:
+            for category in previous.categories:
+                self._by_category.get(category, set()).discard(slot)
+        for category in item.categories:
+            self._by_category.setdefault(category, set()).add(slot)
         self.items[slot] = item
         self._active[slot] = True
         return slot, changed
@@ -65,6 +72,15 @@ class Catalog:
             return None
         self._active[slot] = False
         return slot
+
+    def category_mask(self, categories: tuple[str, ...]) -> np.ndarray:
+        """Boolean mask over slots: active items in at least one of ``categories``."""
+        mask = np.zeros(self.size, dtype=bool)
+        for category in categories:
+            members = self._by_category.get(category)
+            if members:
+                mask[list(members)] = True
+        return mask & self.active
 
     def item(self, slot: int) -> Item | None:
         return self.items[slot] if self._active[slot] else None

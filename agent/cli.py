@@ -25,6 +25,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="where JetStream and Qdrant keep their files")
     parser.add_argument("--nats-url", help="use this NATS server or cluster instead of spawning one")
     parser.add_argument("--nats-port", help="port of the spawned nats-server (0: any free port)")
+    parser.add_argument("--qdrant-url", help="use this Qdrant server or cluster instead of the local store in the data dir")
+    parser.add_argument("--embedding-model", help="sentence-transformers model (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--http-host", help="address of the HTTP API")
     parser.add_argument("--http-port", help="port of the HTTP API (0: any free port)")
     parser.add_argument("--subject-prefix", help="first token of every subject (default recsys)")
@@ -34,7 +36,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         key: getattr(args, key, None)
-        for key in ("data_dir", "nats_url", "nats_port", "http_host", "http_port", "subject_prefix", "log_level")
+        for key in (
+            "data_dir", "nats_url", "nats_port", "qdrant_url", "embedding_model",
+            "http_host", "http_port", "subject_prefix", "log_level",
+        )
     }
     return load_settings(getattr(args, "config", None), overrides=overrides)
 
@@ -77,7 +82,12 @@ def build_parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
 
 
 def extra_commands() -> dict[str, Command]:
-    return {}
+    from agent import datasets, replay
+
+    return {
+        "dataset": (datasets.configure_parser, datasets.run_command),
+        "replay": (replay.configure_parser, replay.run_command),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

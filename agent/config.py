@@ -48,6 +48,17 @@ class Settings:
     max_payload_bytes: int = 65_536
     # budget of one plugin call on the hot path
     stage_timeout_ms: float = 250.0
+    # budget of one plugin call on a catalog batch (embedding happens there)
+    catalog_timeout_s: float = 600.0
+    # empty: qdrant-client's local mode under data_dir/qdrant; else a Qdrant server or cluster
+    qdrant_url: str = ""
+    qdrant_collection: str = "recsys_items"
+    # sentence-transformers model: the bundled all-MiniLM-L6-v2, a local path or a cached name
+    embedding_model: str = "all-MiniLM-L6-v2"
+    # cpu, cuda, cuda:1, mps ...
+    embedding_device: str = "cpu"
+    # above this many items the content source asks Qdrant instead of its in-memory copy
+    vector_cache_max_items: int = 500_000
     # how long JetStream waits for an ack before redelivering, and how often
     ack_wait_s: float = 30.0
     max_deliver: int = 5
@@ -58,6 +69,8 @@ class Settings:
     history_length: int = 50
     max_users: int = 1_000_000
     trending_half_life_s: float = 86_400.0
+    # top of the rating scale of 'rate' events (10 for MovieTweetings, 5 for MovieLens)
+    rating_max: float = 10.0
     # plugin names (as registered) to leave out, e.g. a built-in replaced by a third-party one
     disabled_plugins: list[str] = field(default_factory=list)
     # whether plugins advertised under the "recsys_agent" entry-point group are loaded
@@ -72,6 +85,9 @@ class Settings:
             ("http_port", 0 <= self.http_port <= 65_535, "must be between 0 and 65535"),
             ("max_payload_bytes", 256 <= self.max_payload_bytes <= 8 * 1024 * 1024, "must be between 256 and 8 MiB"),
             ("stage_timeout_ms", self.stage_timeout_ms > 0, "must be positive"),
+            ("catalog_timeout_s", self.catalog_timeout_s > 0, "must be positive"),
+            ("qdrant_url", not self.qdrant_url or self.qdrant_url.startswith(("http://", "https://")), "must start with http:// or https://"),
+            ("vector_cache_max_items", self.vector_cache_max_items >= 0, "must not be negative"),
             ("ack_wait_s", self.ack_wait_s >= 1, "must be at least 1 second"),
             ("max_deliver", self.max_deliver >= 1, "must be at least 1"),
             ("fetch_batch", 1 <= self.fetch_batch <= 10_000, "must be between 1 and 10000"),
@@ -80,6 +96,7 @@ class Settings:
             ("history_length", self.history_length >= 1, "must be at least 1"),
             ("max_users", self.max_users >= 1, "must be at least 1"),
             ("trending_half_life_s", self.trending_half_life_s > 0, "must be positive"),
+            ("rating_max", self.rating_max > 0, "must be positive"),
             ("stream_max_age_s", self.stream_max_age_s >= 0, "must not be negative"),
             ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "must be DEBUG, INFO, WARNING or ERROR"),
             ("subject_prefix", _is_subject_token_path(self.subject_prefix), "must be dot-separated tokens without spaces or wildcards"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.catalog import Catalog
@@ -24,6 +26,10 @@ class AgentContext:
     # None when the pipeline runs without a bus (replay, unit tests)
     nc: NATS | None = None
     js: JetStreamContext | None = None
+    # the pipeline's clock: wall time live, event time in replay
+    clock: Callable[[], float] = time.time
+    # objects plugins share with each other, e.g. "item_vectors" from the content source
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def options(self, plugin_name: str) -> dict[str, Any]:
         return self.settings.plugin_options(plugin_name)

@@ -47,38 +47,47 @@ class HookRunner:
     def plugin_names(self, hook_name: str) -> list[str]:
         return [name for name, _, _ in self._implementations(hook_name)]
 
-    async def _call_one(self, hook_name: str, plugin: str, function: Any, argnames: tuple[str, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    async def _call_one(
+        self,
+        hook_name: str,
+        plugin: str,
+        function: Any,
+        argnames: tuple[str, ...],
+        kwargs: dict[str, Any],
+        timeout_s: float | None = None,
+    ) -> tuple[bool, Any]:
         """Run one implementation; returns (ok, result). Never raises except on cancellation."""
+        budget = timeout_s or self.timeout_s
         start = time.perf_counter()
         try:
             result = function(*[kwargs[name] for name in argnames])
             if inspect.isawaitable(result):
-                async with asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(budget):
                     result = await result
         except TimeoutError:
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="timeout").inc()
-            log.warning("plugin %s timed out in %s after %.0f ms", plugin, hook_name, self.timeout_s * 1000)
+            log.warning("plugin %s timed out in %s after %.0f ms", plugin, hook_name, budget * 1000)
             return False, None
         except Exception:
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="error").inc()
             log.exception("plugin %s failed in %s", plugin, hook_name)
             return False, None
         elapsed = time.perf_counter() - start
-        if elapsed > self.timeout_s:
+        if elapsed > budget:
             # A synchronous implementation cannot be interrupted; it is reported so that the
             # operator can move it off the hot path or make it asynchronous.
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="slow").inc()
-            log.warning("plugin %s took %.0f ms in %s (budget %.0f ms)", plugin, elapsed * 1000, hook_name, self.timeout_s * 1000)
+            log.warning("plugin %s took %.0f ms in %s (budget %.0f ms)", plugin, elapsed * 1000, hook_name, budget * 1000)
         return True, result
 
     def _each(self, hook_name: str) -> Iterator[tuple[str, Any, tuple[str, ...]]]:
         return iter(self._implementations(hook_name))
 
-    async def call_all(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    async def call_all(self, hook_name: str, timeout_s: float | None = None, **kwargs: Any) -> list[tuple[str, Any]]:
         """Every implementation's non-None answer, as (plugin name, result), in call order."""
         results = []
         for plugin, function, argnames in self._each(hook_name):
-            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs)
+            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs, timeout_s)
             if ok and result is not None:
                 results.append((plugin, result))
         return results

@@ -48,6 +48,16 @@ def recsys_lifespan(ctx: AgentContext) -> AbstractAsyncContextManager[Any] | Non
 
 
 @hookspec
+def recsys_settle() -> Any:
+    """Return an awaitable that completes once the background work queued so far is done.
+
+    All implementations are called. Background work is what a plugin does off the hot path
+    (embedding new items, loading a model). The live agent never waits on it; batch tools
+    (replay, catalog import) and tests do, through ``Pipeline.settle()``.
+    """
+
+
+@hookspec
 def recsys_validate_event(event: Event, catalog: Catalog) -> str | None:
     """Check an event that is already well-formed under the wire contract.
 
@@ -79,10 +89,12 @@ def recsys_apply_event(event: Event, user: UserState, slot: int, catalog: Catalo
 
 
 @hookspec
-def recsys_catalog_upsert(item: Item, slot: int, changed: bool) -> None:
-    """An item was added or replaced; ``changed`` is False when an identical copy was resent.
+def recsys_catalog_upsert(items: list[Item], slots: list[int], changed: list[bool]) -> Any:
+    """A batch of items was added or replaced; ``changed[i]`` is False for an identical resend.
 
-    All implementations are called, in order, before the upsert is acknowledged.
+    All implementations are called, in order, before the upsert is acknowledged. Batches let a
+    plugin do expensive work (embedding) in bulk; such work may be returned as an awaitable and
+    runs under the longer ``catalog_timeout_s`` budget, never on the event hot path.
     """
 
 

@@ -27,6 +27,8 @@ from agent.pipeline import ApplyOutcome, Pipeline
 log = logging.getLogger(__name__)
 
 REBUILD_IDLE_TIMEOUT_S = 5.0
+# a drain waits for messages already delivered to this agent; when the bus is gone it gives up
+DRAIN_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class Ingestor:
         self.subjects = Subjects.from_settings(settings)
         self.on_applied = on_applied
         self.rebuilt_up_to: dict[str, int] = {}
+        self.stopping = False
 
     async def _apply_event_message(self, msg: Msg) -> tuple[str, str] | None:
         """Apply one event message; returns (user_id, event key) when a push is owed."""
@@ -134,6 +137,11 @@ class Ingestor:
             await self.pipeline.upsert_items(parse_items(obj))
 
     async def on_event(self, msg: Msg) -> None:
+        if self.stopping:
+            # Handed straight back: redelivered at once to whichever agent runs next, instead
+            # of holding the shutdown or waiting out ack_wait.
+            await msg.nak()
+            return
         self.pipeline.metrics.events_received.inc()
         error: BaseException | None = None
         owed: tuple[str, str] | None = None
@@ -146,6 +154,9 @@ class Ingestor:
             self.on_applied(*owed)
 
     async def on_catalog(self, msg: Msg) -> None:
+        if self.stopping:
+            await msg.nak()
+            return
         error: BaseException | None = None
         try:
             await self._apply_catalog_message(msg)
@@ -233,13 +244,14 @@ class Ingestor:
             stream=self.settings.stream_name,
             cb=self.on_event,
             manual_ack=True,
-            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=1_024),
+            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=512),
         )
         try:
             yield
         finally:
-            # drain(): stop new deliveries, finish every message already delivered to us.
+            # Stop taking work; what is buffered here goes back to JetStream unacknowledged.
+            self.stopping = True
             for sub in (events_sub, catalog_sub):
                 with suppress(Exception):
-                    await sub.drain()
-            await asyncio.sleep(0)
+                    async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                        await sub.drain()

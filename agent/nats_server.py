@@ -64,8 +64,10 @@ async def embedded_nats_server(
         "--store_dir", str(store_dir),
         "--server_name", "recsys-embedded",
     ]
+    # A session of its own: Ctrl-C in a terminal signals the whole foreground group, and the
+    # server must outlive the agent's drain; the agent stops it last.
     process = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True
     )
     assert process.stderr is not None
     lines: list[str] = []

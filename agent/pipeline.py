@@ -38,6 +38,19 @@ class ApplyOutcome(Enum):
     DUPLICATE = "duplicate"
 
 
+def _explain(ranked: list[Scored], lists: list[Candidates]) -> None:
+    """Reasons for the final items only, strongest source first (sources may compute them lazily)."""
+    by_source: dict[str, Candidates] = {}
+    for cands in lists:
+        by_source.setdefault(cands.source, cands)
+    for entry in ranked:
+        for source in entry.sources:
+            cands = by_source.get(source)
+            reason = cands.reason_for(entry.slot) if cands is not None else ""
+            if reason and reason not in entry.reasons:
+                entry.reasons.append(reason)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -54,7 +67,9 @@ class Pipeline:
         self.users = UserStore(settings.history_length, settings.max_users)
         self.dedup = Deduplicator(settings.dedup_capacity)
         self.hooks = HookRunner(pm, self.metrics, settings.stage_timeout_ms / 1000)
-        self.context = AgentContext(settings=settings, catalog=self.catalog, users=self.users, metrics=self.metrics)
+        self.context = AgentContext(
+            settings=settings, catalog=self.catalog, users=self.users, metrics=self.metrics, clock=lambda: self.clock()
+        )
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Pipeline]:
@@ -74,6 +89,10 @@ class Pipeline:
             if manager is not None:
                 managers.append((plugin, manager))
         return managers
+
+    async def settle(self, timeout_s: float | None = None) -> None:
+        """Wait for the plugins' background work (see ``recsys_settle``)."""
+        await self.hooks.call_all("recsys_settle", timeout_s=timeout_s or self.settings.catalog_timeout_s)
 
     def event_key(self, event: Event, seq: int) -> str:
         return f"id:{event.id}" if event.id is not None else f"seq:{seq}"
@@ -108,10 +127,17 @@ class Pipeline:
         return ApplyOutcome.APPLIED
 
     async def upsert_items(self, items: list[Item]) -> None:
+        if not items:
+            return
+        slots, changed = [], []
         for item in items:
-            slot, changed = self.catalog.upsert(item)
-            await self.hooks.call_all("recsys_catalog_upsert", item=item, slot=slot, changed=changed)
-            self.metrics.catalog_upserts.inc()
+            slot, was_changed = self.catalog.upsert(item)
+            slots.append(slot)
+            changed.append(was_changed)
+        await self.hooks.call_all(
+            "recsys_catalog_upsert", items=items, slots=slots, changed=changed, timeout_s=self.settings.catalog_timeout_s
+        )
+        self.metrics.catalog_upserts.inc(len(items))
         self.metrics.items.set(self.catalog.active_count())
 
     async def delete_item(self, item_id: str) -> bool:
@@ -147,16 +173,18 @@ class Pipeline:
     async def rank(self, query: Query) -> list[Scored]:
         """Candidates from every source, fused, reranked, cut to ``query.k``."""
         lists: list[Candidates] = []
-        for _, answer in await self.hooks.call_all("recsys_candidates", query=query):
-            if isinstance(answer, Candidates):
-                lists.append(answer)
-            else:
-                lists.extend(a for a in answer if isinstance(a, Candidates))
+        for plugin, answer in await self.hooks.call_all("recsys_candidates", query=query):
+            for cands in [answer] if isinstance(answer, Candidates) else answer:
+                if isinstance(cands, Candidates):
+                    cands.plugin = plugin
+                    lists.append(cands)
         fused = await self.hooks.call_first("recsys_fuse", query=query, candidates=lists)
         if fused is None:
             fused = []
         ranked = await self.hooks.call_chain("recsys_rerank", "ranked", query=query, ranked=fused)
-        return list(ranked)[: query.k]
+        final = list(ranked)[: query.k]
+        _explain(final, lists)
+        return final
 
     async def recommend(
         self,

@@ -23,8 +23,13 @@ ENTRY_POINT_GROUP = "recsys_agent"
 BUILTIN_PLUGINS: dict[str, str] = {
     "event_validation": "plugins.validation:EventValidation",
     "trending": "plugins.trending:Trending",
-    "rrf_fusion": "plugins.fusion:ReciprocalRankFusion",
+    "content": "plugins.content:ContentRetrieval",
+    "item_to_item": "plugins.item_to_item:ItemToItem",
+    "freshness": "plugins.freshness:Freshness",
+    "fusion": "plugins.fusion:LearnedFusion",
     "exclude_seen": "plugins.rerankers:ExcludeSeen",
+    "diversity": "plugins.rerankers:Diversity",
+    "cross_encoder": "plugins.cross_encoder:CrossEncoderReranker",
     "request_filters": "plugins.rerankers:RequestFilters",
     "nats_publisher": "plugins.nats_publisher:NatsPublisher",
 }

@@ -19,7 +19,7 @@ from agent.tokens import user_token
 
 log = logging.getLogger(__name__)
 
-FLUSH_TIMEOUT_S = 3.0
+FLUSH_TIMEOUT_S = 1.5
 
 
 class PushScheduler:

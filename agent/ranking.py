@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,18 @@ class Query:
     categories: tuple[str, ...] = ()
     # the event that triggered this request, None for a pull (request/reply, HTTP)
     event: Event | None = None
+    _allowed: np.ndarray | None = None
+
+    def allowed(self) -> np.ndarray:
+        """Mask over slots a source may propose: active, not excluded, in the requested
+        categories. Computed once per query and shared by every source; do not modify it."""
+        if self._allowed is None:
+            catalog = self.catalog
+            mask = catalog.category_mask(self.categories) if self.categories else catalog.active.copy()
+            if self.exclude:
+                mask[[s for s in self.exclude if s < len(mask)]] = False
+            self._allowed = mask
+        return self._allowed
 
 
 @dataclass(slots=True)
@@ -37,11 +50,22 @@ class Candidates:
     source: str
     slots: np.ndarray
     scores: np.ndarray
-    # one reason per slot, or one reason shared by all
-    reasons: list[str] | str = ""
+    # One reason shared by all, one per position, or a function of the slot. A function is
+    # called only for the items that make the final list, so costly reasons stay cheap.
+    reasons: list[str] | str | Callable[[int], str] = ""
+    # Optional: this source's score for any slots (not only those it proposed), so fusion can
+    # weigh every candidate by every source. Must be computed from state at query time.
+    score_of: Callable[[np.ndarray], np.ndarray] | None = None
+    # the plugin that proposed these (filled in by the pipeline)
+    plugin: str = ""
 
-    def reason(self, position: int) -> str:
-        return self.reasons if isinstance(self.reasons, str) else self.reasons[position]
+    def reason_for(self, slot: int) -> str:
+        if isinstance(self.reasons, str):
+            return self.reasons
+        if callable(self.reasons):
+            return self.reasons(slot)
+        positions = np.flatnonzero(self.slots == slot)
+        return self.reasons[int(positions[0])] if len(positions) else ""
 
     def __len__(self) -> int:
         return len(self.slots)

@@ -1,7 +1,13 @@
-"""Built-in rerankers: request filters and the never-show-seen safety net."""
+"""Built-in rerankers: request filters, diversity and the never-show-seen safety net."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+
+from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.ranking import Query, Scored
 
@@ -33,3 +39,70 @@ class RequestFilters:
             if item is not None and wanted.intersection(item.categories):
                 kept.append(entry)
         return kept
+
+
+class Diversity:
+    """Maximal marginal relevance over the top of the list: each next item maximises
+    ``lambda * relevance - (1 - lambda) * (similarity to the items already picked)``.
+
+    Similarity is the cosine of item embeddings when the content source shares them
+    (``ctx.extras["item_vectors"]``), else shared categories. Options (``[plugins.diversity]``):
+    ``lambda`` (default 0.9; 1 switches diversity off), ``depth`` (how many of the fused items
+    compete, default 3 x k).
+    """
+
+    def __init__(self) -> None:
+        self.trade_off = 0.9
+        self.depth_factor = 3
+        self.ctx: AgentContext | None = None
+
+    @hookimpl
+    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        return self._configure(ctx)
+
+    @asynccontextmanager
+    async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
+        options = ctx.options("diversity")
+        self.trade_off = float(options.get("lambda", self.trade_off))
+        self.depth_factor = int(options.get("depth", self.depth_factor))
+        if not 0 <= self.trade_off <= 1 or self.depth_factor < 1:
+            raise ValueError("[plugins.diversity] lambda must be in [0, 1] and depth at least 1")
+        self.ctx = ctx
+        yield
+
+    def _similarity(self, query: Query, slots: list[int]) -> np.ndarray:
+        vectors = self.ctx.extras.get("item_vectors") if self.ctx else None
+        if vectors is not None and all(vectors.has(s) for s in slots):
+            rows = vectors.rows(np.array(slots))
+            return np.clip(rows @ rows.T, 0.0, 1.0)
+        sets = [set(item.categories) if (item := query.catalog.item(s)) else set() for s in slots]
+        size = len(slots)
+        sim = np.zeros((size, size))
+        for i in range(size):
+            for j in range(i + 1, size):
+                union = sets[i] | sets[j]
+                sim[i, j] = sim[j, i] = len(sets[i] & sets[j]) / len(union) if union else 0.0
+        return sim
+
+    @hookimpl
+    def recsys_rerank(self, query: Query, ranked: list[Scored]) -> list[Scored] | None:
+        if self.trade_off >= 1.0 or len(ranked) <= 2:
+            return None
+        depth = min(len(ranked), query.k * self.depth_factor)
+        pool, rest = ranked[:depth], ranked[depth:]
+        scores = np.array([s.score for s in pool])
+        spread = scores.max() - scores.min()
+        relevance = (scores - scores.min()) / spread if spread > 0 else np.ones(len(pool))
+        sim = self._similarity(query, [s.slot for s in pool])
+        picked: list[int] = []
+        closest = np.zeros(len(pool))
+        remaining = np.ones(len(pool), dtype=bool)
+        for _ in range(min(query.k, len(pool))):
+            value = self.trade_off * relevance - (1 - self.trade_off) * closest
+            value[~remaining] = -np.inf
+            choice = int(np.argmax(value))
+            picked.append(choice)
+            remaining[choice] = False
+            closest = np.maximum(closest, sim[choice])
+        order = picked + [i for i in range(len(pool)) if remaining[i]]
+        return [pool[i] for i in order] + rest

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
@@ -30,11 +32,13 @@ def event(i: int, user: str = "u1", item: str | None = None, kind: str = "view")
     return Event(type=kind, user_id=user, ts=1_000.0 + i, id=f"e{i}", item_id=item or f"item-{i}")
 
 
-async def pipeline_with(*plugins: tuple[str, Any], **overrides: Any) -> Pipeline:
-    settings = offline_settings(**overrides)
+@asynccontextmanager
+async def running_pipeline(tmp_path: Path, *plugins: tuple[str, Any], **overrides: Any) -> AsyncIterator[Pipeline]:
+    settings = offline_settings(data_dir=str(tmp_path), **overrides)
     pipeline = Pipeline(settings, get_plugin_manager(settings, plugins))
-    await pipeline.upsert_items([Item(id=f"item-{i}", title=f"Item {i}", categories=("c",)) for i in range(30)])
-    return pipeline
+    async with pipeline.running():
+        await pipeline.upsert_items([Item(id=f"item-{i}", title=f"Item {i}", categories=("c",)) for i in range(30)])
+        yield pipeline
 
 
 def recorder(name: str, log: list[str], **marks: bool) -> object:
@@ -46,14 +50,14 @@ def recorder(name: str, log: list[str], **marks: bool) -> object:
     return Recorder()
 
 
-async def test_rerank_chain_follows_pluggy_order_and_tryfirst() -> None:
+async def test_rerank_chain_follows_pluggy_order_and_tryfirst(tmp_path: Path) -> None:
     calls: list[str] = []
-    pipeline = await pipeline_with(
+    async with running_pipeline(
+        tmp_path,
         ("first_registered", recorder("first_registered", calls)),
         ("second_registered", recorder("second_registered", calls)),
         ("eager", recorder("eager", calls, tryfirst=True)),
-    )
-    async with pipeline.running():
+    ) as pipeline:
         await pipeline.recommend("u1")
     assert calls == ["eager", "second_registered", "first_registered"]
     names = pipeline.hooks.plugin_names("recsys_rerank")
@@ -68,9 +72,9 @@ class BoostSource:
         return Candidates(source="boost", slots=np.array([query.catalog.slot("item-29")]), scores=np.array([1.0]), reasons="boosted")
 
 
-async def test_third_party_source_is_fused_with_its_reason() -> None:
-    pipeline = await pipeline_with(("boost", BoostSource()))
-    async with pipeline.running():
+async def test_third_party_source_is_fused_with_its_reason(tmp_path: Path) -> None:
+    # a configured weight puts the third-party source ahead of the built-in ones
+    async with running_pipeline(tmp_path, ("boost", BoostSource()), plugins={"fusion": {"weights": {"boost": 10.0}}}) as pipeline:
         await pipeline.apply_event(event(1, item="item-3"))
         recs = await pipeline.recommend("u1", 5)
     top = recs.items[0]
@@ -97,9 +101,8 @@ class Slow:
         await asyncio.sleep(30)
 
 
-async def test_failing_plugin_is_counted_and_the_event_still_applies() -> None:
-    pipeline = await pipeline_with(("broken", Broken()))
-    async with pipeline.running():
+async def test_failing_plugin_is_counted_and_the_event_still_applies(tmp_path: Path) -> None:
+    async with running_pipeline(tmp_path, ("broken", Broken())) as pipeline:
         assert await pipeline.apply_event(event(1)) is ApplyOutcome.APPLIED
         recs = await pipeline.recommend("u1")
     assert len(recs.items) == 10
@@ -108,9 +111,8 @@ async def test_failing_plugin_is_counted_and_the_event_still_applies() -> None:
     assert metrics.value("recsys_plugin_failures_total", plugin="broken", hook="recsys_candidates", kind="error") == 1
 
 
-async def test_slow_async_plugin_is_cut_off_at_the_stage_timeout() -> None:
-    pipeline = await pipeline_with(("slow", Slow()), stage_timeout_ms=50)
-    async with pipeline.running():
+async def test_slow_async_plugin_is_cut_off_at_the_stage_timeout(tmp_path: Path) -> None:
+    async with running_pipeline(tmp_path, ("slow", Slow()), stage_timeout_ms=50) as pipeline:
         await pipeline.apply_event(event(1))
         started = time.perf_counter()
         recs = await pipeline.recommend("u1")
@@ -123,6 +125,7 @@ async def test_broken_and_slow_plugins_over_nats_do_not_stop_pushes(settings: Se
     settings.stage_timeout_ms = 100
     async with Agent(settings, [("broken", Broken()), ("slow", Slow())]) as agent:
         await client.upsert(catalog(20))
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 20)
         for i in range(5):
             await client.publish_event({"id": f"s{i}", "type": "view", "user_id": "zed", "item_id": f"item-{i}"})
         await client.wait_for(lambda: "s4" in client.reflected_event_ids())
@@ -148,7 +151,7 @@ async def test_validation_hook_rejects_with_its_reason(settings: Settings, clien
 async def test_disabled_builtin_is_not_registered() -> None:
     settings = offline_settings(disabled_plugins="trending")
     pm = get_plugin_manager(settings)
-    assert not pm.has_plugin("trending") and pm.has_plugin("rrf_fusion")
+    assert not pm.has_plugin("trending") and pm.has_plugin("fusion")
 
 
 def test_builtins_are_registered_under_their_names() -> None:

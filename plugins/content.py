@@ -1,0 +1,327 @@
+"""Content retrieval: item embeddings in Qdrant, user taste vectors, nearest items.
+
+Every item is embedded once per distinct text (title, categories, text, attributes) and stored
+in Qdrant with its content hash; an upsert whose text did not change costs nothing. Loading the
+model and embedding happen in a background worker, so the agent serves (with its other sources)
+from the first second; an item joins content retrieval as soon as its vector exists.
+
+A user's taste vectors are computed when needed from their recent history (the core keeps it):
+a fast one (the last few items) and a slow one (the longer run), each a sum of item vectors
+weighted by event signal (dislike and skip push away) and decayed by position. Being a function
+of the history, they are exactly what they were before a restart. The LLM profile, when a
+summariser has written one (``user.extras["profile"]``), is embedded off the hot path and used as
+one more query vector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from agent.catalog import Catalog
+from agent.context import AgentContext
+from agent.embeddings import Embedder, content_hash, item_text, shared_embedder
+from agent.hookspecs import hookimpl
+from agent.item_vectors import ItemVectors
+from agent.models import Event, Item
+from agent.ranking import Candidates, Query
+from agent.signals import event_signal
+from agent.threads import in_daemon_thread
+from agent.state import UserState
+from agent.vector_store import VectorStore
+
+log = logging.getLogger(__name__)
+
+# per-event decay of the taste vectors: about 2 and about 10 recent items dominate
+SHORT_DECAY = 0.5
+LONG_DECAY = 0.9
+RECENT_POSITIVES = 8
+EMBED_CHUNK = 256
+PROGRESS_FROM = 1_000
+VERBS = {"view": "viewed", "click": "opened", "like": "liked", "add_to_cart": "added to your cart",
+         "purchase": "bought", "rate": "rated"}
+
+
+@dataclass(slots=True)
+class Taste:
+    short: np.ndarray
+    long: np.ndarray
+    # (slot, event type) of recent positive interactions, newest last, for "similar to X" reasons
+    positives: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ProfileVector:
+    text: str = ""
+    vector: np.ndarray | None = None
+
+
+def profile_text(profile: dict[str, Any] | None) -> str:
+    if not profile:
+        return ""
+    interests = profile.get("interests") or []
+    summary = profile.get("summary") or ""
+    text = "; ".join(str(i) for i in interests if isinstance(i, str))
+    return f"{text}. {summary}".strip(". ") if isinstance(summary, str) else text
+
+
+class ContentRetrieval:
+    """Options (``[plugins.content]``): ``sources`` (which of ``content_recent``,
+    ``content_long``, ``profile`` to propose; default all)."""
+
+    def __init__(self) -> None:
+        self.embedder: Embedder | None = None
+        self.store: VectorStore | None = None
+        self.vectors: ItemVectors | None = None
+        self.rating_max = 10.0
+        self.cache_max_items = 500_000
+        self.enabled_sources = {"content_recent", "content_long", "profile"}
+        # vectors found in Qdrant at start, waiting for their item to be upserted again
+        self._stored: dict[str, tuple[str, np.ndarray]] = {}
+        self._queue: asyncio.Queue[list[tuple[Item, int]]] = asyncio.Queue()
+        self._ready = asyncio.Event()
+        self._profiles: dict[str, ProfileVector] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._catalog: Catalog | None = None
+        self.failure: BaseException | None = None
+
+    @hookimpl
+    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        return self._run(ctx)
+
+    @asynccontextmanager
+    async def _run(self, ctx: AgentContext) -> AsyncIterator[None]:
+        sources = ctx.options("content").get("sources")
+        if sources is not None:
+            self.enabled_sources = set(sources)
+        self.rating_max = ctx.settings.rating_max
+        self.cache_max_items = ctx.settings.vector_cache_max_items
+        self._catalog = ctx.catalog
+        # Small numpy products on the hot path: BLAS threads only add hand-off latency.
+        limiter = threadpool_limits(1, user_api="blas")
+        worker = asyncio.create_task(self._work(ctx), name="content-embedding")
+        try:
+            yield
+        finally:
+            worker.cancel()
+            for task in [worker, *self._tasks]:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+            limiter.restore_original_limits()
+            ctx.extras.pop("item_vectors", None)
+            if self.store is not None:
+                await asyncio.to_thread(self.store.close)
+
+    async def _open(self, ctx: AgentContext) -> None:
+        settings = ctx.settings
+        self.embedder = await in_daemon_thread(shared_embedder, settings.embedding_model, settings.embedding_device)
+        store = await asyncio.to_thread(
+            VectorStore, settings.qdrant_collection, self.embedder.dim,
+            path=settings.data_dir / "qdrant", url=settings.qdrant_url,
+        )
+        self.store = store
+        self._stored = {item_id: (h, v) for item_id, h, v in await asyncio.to_thread(lambda: list(store.scan()))}
+        self.vectors = ItemVectors(self.embedder.dim)
+        ctx.extras["item_vectors"] = self.vectors
+        log.info("content retrieval ready: %d item vectors in Qdrant (%s)", len(self._stored), store.where)
+
+    async def _work(self, ctx: AgentContext) -> None:
+        """Load the model and Qdrant, then embed queued catalog batches, in order."""
+        try:
+            await self._open(ctx)
+        except Exception as exc:
+            # Degrade, do not die: the other sources keep serving; the failure is reported.
+            self.failure = exc
+            log.exception("content retrieval unavailable")
+            self._ready.set()
+            while True:
+                await self._queue.get()
+                self._queue.task_done()
+        self._ready.set()
+        while True:
+            batch = await self._queue.get()
+            try:
+                await self._embed(self._needing_vectors(batch))
+            except Exception:
+                log.exception("embedding a catalog batch failed; those items stay out of content retrieval")
+            finally:
+                self._queue.task_done()
+
+    @hookimpl
+    def recsys_settle(self) -> Any:
+        return self._settled()
+
+    async def _settled(self) -> None:
+        await self._ready.wait()
+        await self._queue.join()
+
+    # -- catalog -------------------------------------------------------------------------------
+
+    @hookimpl
+    def recsys_catalog_upsert(self, items: list[Item], slots: list[int], changed: list[bool]) -> None:
+        # Queued, not awaited: the upsert is applied (the catalog knows the item) and its vector
+        # follows. If the agent stops first, the catalog replay at start queues it again.
+        self._queue.put_nowait(list(zip(items, slots, strict=True)))
+
+    def _needing_vectors(self, batch: list[tuple[Item, int]]) -> list[tuple[Item, int, str, str]]:
+        assert self.vectors is not None and self.embedder is not None and self._catalog is not None
+        todo = []
+        for item, slot in batch:
+            if self._catalog.items[slot] is not item:
+                continue  # replaced or deleted since it was queued
+            text = item_text(item)
+            digest = content_hash(text, self.embedder.name)
+            if self.vectors.hashes.get(slot) == digest:
+                continue
+            stored = self._stored.pop(item.id, None)
+            if stored is not None and stored[0] == digest:
+                self.vectors.set([slot], stored[1][None, :], [digest])
+                continue
+            todo.append((item, slot, text, digest))
+        return todo
+
+    async def _embed(self, todo: list[tuple[Item, int, str, str]]) -> None:
+        assert self.vectors is not None and self.embedder is not None and self.store is not None
+        progress = tqdm(total=len(todo), desc="embedding items", unit="item", disable=len(todo) < PROGRESS_FROM or None)
+        try:
+            for start in range(0, len(todo), EMBED_CHUNK):
+                chunk = todo[start : start + EMBED_CHUNK]
+                vectors = await in_daemon_thread(self.embedder.encode, [text for _, _, text, _ in chunk])
+                payloads: list[dict[str, object]] = [{"title": item.title, "categories": list(item.categories)} for item, _, _, _ in chunk]
+                await asyncio.to_thread(
+                    self.store.upsert, [item.id for item, _, _, _ in chunk], vectors, [d for _, _, _, d in chunk], payloads
+                )
+                self.vectors.set([slot for _, slot, _, _ in chunk], vectors, [d for _, _, _, d in chunk])
+                progress.update(len(chunk))
+        finally:
+            progress.close()
+
+    @hookimpl
+    def recsys_catalog_delete(self, item_id: str, slot: int) -> Any:
+        if self.vectors is not None:
+            self.vectors.remove(slot)
+        if self.store is not None:
+            return asyncio.to_thread(self.store.delete, [item_id])
+        return None
+
+    # -- taste ---------------------------------------------------------------------------------
+
+    def taste(self, user: UserState) -> Taste | None:
+        """The user's taste vectors, from their recent history (newest counts most)."""
+        vectors = self.vectors
+        if vectors is None or not user.recent:
+            return None
+        history = [i for i in user.recent if vectors.has(i.slot)]
+        if not history:
+            return None
+        signals = np.array([event_signal(i.type, i.value, self.rating_max) for i in history])
+        ages = np.arange(len(history) - 1, -1, -1)
+        rows = vectors.rows(np.array([i.slot for i in history]))
+        short = (signals * SHORT_DECAY**ages) @ rows
+        long = (signals * LONG_DECAY**ages) @ rows
+        positives = [(i.slot, i.type) for i, s in zip(history, signals.tolist(), strict=True) if s > 0][-RECENT_POSITIVES:]
+        return Taste(short=short, long=long, positives=positives)
+
+    @hookimpl
+    def recsys_forget_user(self, user_id: str) -> None:
+        self._profiles.pop(user_id, None)
+
+    # -- retrieval -----------------------------------------------------------------------------
+
+    def _queries(self, user: UserState, taste: Taste) -> list[tuple[str, np.ndarray]]:
+        queries = []
+        for source, vector in (("content_recent", taste.short), ("content_long", taste.long)):
+            norm = float(np.linalg.norm(vector))
+            if source in self.enabled_sources and norm > 1e-6:
+                queries.append((source, (vector / norm).astype(np.float32)))
+        text = profile_text(user.extras.get("profile"))  # type: ignore[arg-type]
+        if "profile" in self.enabled_sources and text:
+            profile = self._profiles.setdefault(user.user_id, ProfileVector())
+            if text != profile.text:
+                self._embed_profile_later(user.user_id, profile, text)
+            if profile.vector is not None:
+                queries.append(("profile", profile.vector))
+        return queries
+
+    def _embed_profile_later(self, user_id: str, profile: ProfileVector, text: str) -> None:
+        # Embedding a text costs milliseconds of CPU: never on the hot path. Until it is done
+        # the previous profile vector (if any) keeps serving.
+        embedder = self.embedder
+        if embedder is None or any(t.get_name() == f"profile:{user_id}" for t in self._tasks):
+            return
+
+        async def embed() -> None:
+            vector = (await in_daemon_thread(embedder.encode, [text]))[0]
+            profile.vector, profile.text = vector, text
+
+        try:
+            task = asyncio.get_running_loop().create_task(embed(), name=f"profile:{user_id}")
+        except RuntimeError:
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reasons(self, taste: Taste, catalog: Catalog, source: str) -> str | Callable[[int], str]:
+        """The liked item most similar to a recommended one names the reason (computed lazily)."""
+        if source == "profile":
+            return "matches your interest profile"
+        vectors = self.vectors
+        assert vectors is not None
+        liked = [(s, kind) for s, kind in taste.positives if vectors.has(s)]
+        if not liked:
+            return "similar to what you like"
+        liked_matrix = vectors.rows(np.array([s for s, _ in liked]))
+
+        def reason(slot: int) -> str:
+            anchor, kind = liked[int(np.argmax(liked_matrix @ vectors.rows(np.array([slot]))[0]))]
+            return f"similar to {catalog.title(anchor)}, which you {VERBS.get(kind, 'viewed')}"
+
+        return reason
+
+    @hookimpl
+    def recsys_candidates(self, query: Query) -> list[Candidates] | None:
+        taste = self.taste(query.user)
+        if taste is None or self.vectors is None:
+            return None
+        queries = self._queries(query.user, taste)
+        if not queries:
+            return None
+        catalog = query.catalog
+        if catalog.size > self.cache_max_items:
+            return self._search_qdrant(query, taste, queries)
+        allowed = query.allowed()
+        results = []
+        for source, vector in queries:
+            slots, scores = self.vectors.search(vector, query.n_candidates, allowed)
+            if len(slots):
+                results.append(
+                    Candidates(
+                        source, slots, scores, self._reasons(taste, catalog, source),
+                        score_of=lambda wanted, vector=vector: self.vectors.rows(wanted) @ vector,  # type: ignore[union-attr]
+                    )
+                )
+        return results
+
+    def _search_qdrant(self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]) -> list[Candidates]:
+        # Catalogs too large for the in-memory copy are searched in Qdrant (HNSW on a server).
+        assert self.store is not None
+        catalog = query.catalog
+        results = []
+        for source, vector in queries:
+            hits = self.store.search(vector, query.n_candidates + len(query.exclude))
+            pairs = [(catalog.slot(item_id), score) for item_id, score in hits]
+            allowed = query.allowed()
+            kept = [(s, sc) for s, sc in pairs if s is not None and s < len(allowed) and allowed[s]][: query.n_candidates]
+            if kept:
+                slots = np.array([s for s, _ in kept], dtype=np.int64)
+                results.append(Candidates(source, slots, np.array([sc for _, sc in kept]), self._reasons(taste, catalog, source)))
+        return results

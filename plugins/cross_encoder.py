@@ -1,0 +1,94 @@
+"""Optional reranking of the top of the list by a sentence-transformers CrossEncoder.
+
+Off unless ``[plugins.cross_encoder] model`` names a model (a local path or a name in the local
+cache). The query is the titles of the user's recent positive items; each candidate's item text
+is scored against it. A cross-encoder costs tens of milliseconds per list on a CPU, so it runs
+in a worker thread under the stage timeout: when it does not answer in time, the fused order
+stands. It earns its cost on a GPU (``device = "cuda"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+
+from agent.context import AgentContext
+from agent.embeddings import item_text
+from agent.hookspecs import hookimpl
+from agent.ranking import Query, Scored
+from agent.signals import event_signal
+
+DEFAULT_DEPTH = 20
+QUERY_ITEMS = 5
+
+
+class CrossEncoderReranker:
+    """Options: ``model``, ``device`` (default cpu), ``depth`` (items rescored, default 20),
+    ``weight`` (share of the cross-encoder score in the final order, default 0.5)."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.depth = DEFAULT_DEPTH
+        self.weight = 0.5
+        self.rating_max = 10.0
+
+    @hookimpl
+    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        return self._load(ctx)
+
+    @asynccontextmanager
+    async def _load(self, ctx: AgentContext) -> AsyncIterator[None]:
+        options = ctx.options("cross_encoder")
+        name = options.get("model")
+        self.depth = int(options.get("depth", DEFAULT_DEPTH))
+        self.weight = float(options.get("weight", 0.5))
+        self.rating_max = ctx.settings.rating_max
+        if name:
+            if not 0 <= self.weight <= 1 or self.depth < 2:
+                raise ValueError("[plugins.cross_encoder] weight must be in [0, 1] and depth at least 2")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import CrossEncoder
+
+            self.model = await asyncio.to_thread(CrossEncoder, str(name), device=str(options.get("device", "cpu")))
+        try:
+            yield
+        finally:
+            self.model = None
+
+    def _user_text(self, query: Query) -> str:
+        titles = []
+        for interaction in reversed(query.user.recent):
+            if event_signal(interaction.type, interaction.value, self.rating_max) > 0:
+                titles.append(query.catalog.title(interaction.slot))
+            if len(titles) >= QUERY_ITEMS:
+                break
+        return "; ".join(titles)
+
+    @hookimpl
+    def recsys_rerank(self, query: Query, ranked: list[Scored]) -> Any:
+        if self.model is None or len(ranked) < 2:
+            return None
+        user_text = self._user_text(query)
+        if not user_text:
+            return None
+        head, tail = ranked[: self.depth], ranked[self.depth :]
+        texts = [item_text(item) if (item := query.catalog.item(s.slot)) else "" for s in head]
+        return self._rescore(user_text, head, tail, texts)
+
+    async def _rescore(self, user_text: str, head: list[Scored], tail: list[Scored], texts: list[str]) -> list[Scored]:
+        model = self.model
+        scores = np.asarray(await asyncio.to_thread(model.predict, [(user_text, t) for t in texts]), dtype=np.float64)
+        fused = np.array([s.score for s in head])
+        blended = (1 - self.weight) * _unit(fused) + self.weight * _unit(scores)
+        order = np.argsort(-blended, kind="stable")
+        return [head[i] for i in order] + tail
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    spread = values.max() - values.min()
+    return (values - values.min()) / spread if spread > 0 else np.zeros(len(values))

@@ -1,0 +1,67 @@
+"""Freshness: items new to the catalog get shown before anyone has engaged with them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import numpy as np
+
+from agent.catalog import grow
+from agent.context import AgentContext
+from agent.hookspecs import hookimpl
+from agent.models import Item
+from agent.ranking import Candidates, Query, top_slots
+
+DEFAULT_WINDOW_S = 7 * 86_400.0
+
+
+class Freshness:
+    """Proposes the most recently added items, newest first; an item stops being fresh after
+    ``window_s`` (option in ``[plugins.freshness]``, default 7 days). Fusion decides how much
+    this is worth: nothing on a stream where new items do not get engagement."""
+
+    def __init__(self) -> None:
+        self.added_at = np.full(1024, -np.inf)
+        self.window_s = DEFAULT_WINDOW_S
+        self.clock: Callable[[], float] | None = None
+
+    @hookimpl
+    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        return self._configure(ctx)
+
+    @asynccontextmanager
+    async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
+        self.window_s = float(ctx.options("freshness").get("window_s", DEFAULT_WINDOW_S))
+        if self.window_s <= 0:
+            raise ValueError("[plugins.freshness] window_s must be positive")
+        self.clock = ctx.clock
+        yield
+
+    @hookimpl
+    def recsys_catalog_upsert(self, items: list[Item], slots: list[int], changed: list[bool]) -> None:
+        now = self.clock() if self.clock else 0.0
+        self.added_at = grow(self.added_at, max(slots) + 1, fill=-np.inf)
+        for slot in slots:
+            # an edit does not make an item new again
+            if not np.isfinite(self.added_at[slot]):
+                self.added_at[slot] = now
+
+    @hookimpl
+    def recsys_candidates(self, query: Query) -> Candidates | None:
+        size = query.catalog.size
+        self.added_at = grow(self.added_at, size, fill=-np.inf)
+        added = self.added_at[:size]
+        slots, values = top_slots(added, query.n_candidates, query.allowed() & (added >= query.now - self.window_s))
+        if len(slots) == 0:
+            return None
+        now = query.now
+
+        def age_hours(wanted: np.ndarray) -> np.ndarray:
+            # whole hours: items added in the same batch are equally fresh, not ordered by
+            # the milliseconds between them
+            return -np.floor((now - added[wanted]) / 3_600.0)
+
+        return Candidates(
+            source="freshness", slots=slots, scores=age_hours(slots), reasons="new in the catalog", score_of=age_hours
+        )

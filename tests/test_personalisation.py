@@ -1,0 +1,276 @@
+"""Candidate sources, learned fusion and rerankers, on the real embedding model and Qdrant."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.app import Agent
+from agent.config import Settings, load_settings
+from agent.embeddings import Embedder
+from agent.hookspecs import hookimpl
+from agent.item_vectors import ItemVectors
+from agent.models import Event, Item
+from agent.pipeline import Pipeline
+from agent.plugin_manager import get_plugin_manager
+from agent.ranking import Candidates, Query
+from plugins.content import Taste
+from plugins.fusion import LearnedFusion
+
+from .conftest import Client
+
+FILMS = [
+    Item("sw", "Star Wars", "A farm boy joins rebels against a galactic empire", ("Sci-Fi", "Adventure")),
+    Item("alien", "Alien", "The crew of a spaceship meets a deadly creature", ("Sci-Fi", "Horror")),
+    Item("trek", "Star Trek", "A starship crew explores strange new worlds in space", ("Sci-Fi",)),
+    Item("interstellar", "Interstellar", "Astronauts travel through a wormhole to find a new planet", ("Sci-Fi", "Drama")),
+    Item("dune", "Dune", "A noble family fights for a desert planet and its spice", ("Sci-Fi", "Adventure")),
+    Item("notting", "Notting Hill", "A bookshop owner falls in love with a film star", ("Romance", "Comedy")),
+    Item("pretty", "Pretty Woman", "A businessman falls for a woman in Los Angeles", ("Romance", "Comedy")),
+    Item("love", "Love Actually", "Interwoven love stories at Christmas in London", ("Romance", "Comedy")),
+    Item("notebook", "The Notebook", "A poor young man and a rich young woman fall in love", ("Romance", "Drama")),
+    Item("harry", "When Harry Met Sally", "Two friends wonder whether men and women can be friends", ("Romance", "Comedy")),
+    Item("matrix", "The Matrix", "A hacker learns that reality is a simulation run by machines", ("Sci-Fi", "Action")),
+    Item("blade", "Blade Runner", "A detective hunts escaped androids in a future city", ("Sci-Fi", "Thriller")),
+    Item("martian", "The Martian", "An astronaut stranded on Mars must survive alone", ("Sci-Fi", "Drama")),
+    Item("sleepless", "Sleepless in Seattle", "A widower's son calls a radio show to find him a new love", ("Romance", "Comedy")),
+]
+SCIFI = {"sw", "alien", "trek", "interstellar", "dune", "matrix", "blade", "martian"}
+
+
+def offline(tmp_path: Path, **overrides: Any) -> Settings:
+    return load_settings(env={}, overrides={"load_entry_points": False, "data_dir": str(tmp_path), **overrides})
+
+
+@asynccontextmanager
+async def pipeline_on(tmp_path: Path, *extra: tuple[str, Any], items: list[Item] = FILMS, **overrides: Any) -> AsyncIterator[Pipeline]:
+    settings = offline(tmp_path, **overrides)
+    pipeline = Pipeline(settings, get_plugin_manager(settings, extra))
+    clock = [1_700_000_000.0]
+    pipeline.clock = lambda: clock[0]
+    async with pipeline.running():
+        await pipeline.upsert_items(items)
+        await pipeline.settle()
+        yield pipeline
+
+
+def ev(n: int, user: str, item: str, kind: str = "view", value: float | None = None) -> Event:
+    return Event(type=kind, user_id=user, ts=1_700_000_000.0 + n, id=f"{user}-{n}-{item}", item_id=item, value=value)
+
+
+async def sources_for(pipeline: Pipeline, user: str) -> dict[str, Candidates]:
+    query = pipeline.make_query(user, 5)
+    found: dict[str, Candidates] = {}
+    for _, answer in await pipeline.hooks.call_all("recsys_candidates", query=query):
+        for cands in answer if isinstance(answer, list) else [answer]:
+            found[cands.source] = cands
+    return found
+
+
+def ids(pipeline: Pipeline, cands: Candidates) -> list[str]:
+    return [pipeline.catalog.ids[s] for s in cands.slots.tolist()]
+
+
+async def test_content_source_follows_the_users_taste_with_reasons(tmp_path: Path) -> None:
+    async with pipeline_on(tmp_path) as pipeline:
+        for n, item in enumerate(["sw", "trek"]):
+            await pipeline.apply_event(ev(n, "ann", item))
+        found = await sources_for(pipeline, "ann")
+        recent = ids(pipeline, found["content_recent"])
+        assert set(recent[:3]) <= SCIFI - {"sw", "trek"}, recent
+        reason = found["content_recent"].reason_for(found["content_recent"].slots[0])
+        assert reason.startswith("similar to ") and ("Star Wars" in reason or "Star Trek" in reason)
+        await pipeline.apply_event(ev(5, "ann", "alien", kind="dislike"))
+        taste = pipeline.pm.get_plugin("content").taste(pipeline.users.get("ann"))
+        assert isinstance(taste, Taste) and len(taste.positives) == 2, "a dislike is not a reason to recommend"
+
+
+async def test_unchanged_items_are_not_embedded_again_even_after_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = Embedder.encode
+
+    def counting(self: Embedder, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        calls.append(len(texts))
+        return original(self, texts, show_progress)
+
+    monkeypatch.setattr(Embedder, "encode", counting)
+    async with pipeline_on(tmp_path) as pipeline:
+        assert sum(calls) == len(FILMS)
+        await pipeline.upsert_items(FILMS[:3])
+        await pipeline.settle()
+        assert sum(calls) == len(FILMS), "identical items cost nothing"
+        changed = Item("sw", "Star Wars", "Now with a new description", ("Sci-Fi",))
+        await pipeline.upsert_items([changed])
+        await pipeline.settle()
+        assert sum(calls) == len(FILMS) + 1
+    calls.clear()
+    async with pipeline_on(tmp_path, items=[changed, *FILMS[1:]]) as pipeline:
+        assert calls == [], "vectors come back from Qdrant, not from the model"
+        assert pipeline.context.extras["item_vectors"].count == len(FILMS)
+
+
+async def test_deleted_item_leaves_qdrant_and_the_lists(tmp_path: Path) -> None:
+    async with pipeline_on(tmp_path) as pipeline:
+        await pipeline.apply_event(ev(0, "bo", "sw"))
+        assert await pipeline.delete_item("trek")
+        await pipeline.settle()
+        found = await sources_for(pipeline, "bo")
+        assert all("trek" not in ids(pipeline, c) for c in found.values())
+        content = pipeline.pm.get_plugin("content")
+        assert content.store.count() == len(FILMS) - 1
+
+
+async def test_transitions_and_co_occurrence_are_learned_online(tmp_path: Path) -> None:
+    async with pipeline_on(tmp_path) as pipeline:
+        for user in ("u1", "u2", "u3"):
+            for n, item in enumerate(["notting", "pretty", "dune"]):
+                await pipeline.apply_event(ev(n, user, item))
+        await pipeline.apply_event(ev(0, "new", "notting"))
+        found = await sources_for(pipeline, "new")
+        after = found["transitions"]
+        assert ids(pipeline, after)[0] == "pretty"
+        assert after.reason_for(after.slots[0]) == "often chosen after Notting Hill"
+        assert set(ids(pipeline, found["co_occurrence"])) == {"pretty", "dune"}
+
+
+async def test_trending_sources_decay_with_time(tmp_path: Path) -> None:
+    async with pipeline_on(tmp_path) as pipeline:
+        day = 86_400.0
+        for n in range(5):  # an old burst
+            await pipeline.apply_event(Event("view", f"old{n}", 1_700_000_000.0, id=f"o{n}", item_id="alien"))
+        for n in range(2):  # a little, but recent
+            await pipeline.apply_event(Event("view", f"new{n}", 1_700_000_000.0 + 10 * day, id=f"n{n}", item_id="dune"))
+        found = await sources_for(pipeline, "someone")
+        assert ids(pipeline, found["trending"])[0] == "dune"
+        assert ids(pipeline, found["popular_month"])[0] == "alien"
+        assert found["freshness"] is not None and len(found["freshness"]) == len(FILMS)
+
+
+class Oracle:
+    """A fake source that always has the user's next item first: fusion must learn to trust it."""
+
+    def __init__(self, nexts: dict[str, str]) -> None:
+        self.nexts = nexts
+
+    @hookimpl
+    def recsys_candidates(self, query: Query) -> Candidates | None:
+        wanted = self.nexts.get(query.user.user_id)
+        slot = query.catalog.slot(wanted) if wanted else None
+        if slot is None:
+            return None
+        others = [s for s in range(query.catalog.size) if s != slot][:4]
+        return Candidates("oracle", np.array([slot, *others]), np.array([5.0, 4, 3, 2, 1]))
+
+
+async def test_fusion_learns_which_source_predicts_the_next_event(tmp_path: Path) -> None:
+    nexts: dict[str, str] = {}
+    oracle = Oracle(nexts)
+    async with pipeline_on(tmp_path, ("oracle", oracle)) as pipeline:
+        fusion = pipeline.pm.get_plugin("fusion")
+        assert isinstance(fusion, LearnedFusion)
+        rng = np.random.default_rng(1)
+        names = [item.id for item in FILMS]
+        for user in range(40):
+            uid = f"user{user}"
+            order = list(rng.permutation(names))
+            await pipeline.apply_event(ev(0, uid, order[0]))
+            for n, item in enumerate(order[1:5], start=1):
+                nexts[uid] = item
+                await pipeline.rank(pipeline.make_query(uid, 5))
+                await pipeline.apply_event(ev(n, uid, item))
+        weights = fusion.weights
+        segment = max(weights, key=lambda s: len(weights[s]))
+        table = weights[segment]
+        assert table["oracle"] == max(table.values()), table
+        assert fusion.feedbacks > 100
+
+
+async def test_rerankers_filter_diversify_and_exclude(tmp_path: Path) -> None:
+    async with pipeline_on(tmp_path, plugins={"diversity": {"lambda": 0.3}}) as pipeline:
+        for n, item in enumerate(["sw", "notting"]):
+            await pipeline.apply_event(ev(n, "cy", item))
+        recs = await pipeline.recommend("cy", 4, categories=("Romance",))
+        assert recs.items and all("Romance" in pipeline.catalog.item(pipeline.catalog.slot(i.item_id)).categories for i in recs.items)  # type: ignore[union-attr]
+        assert "notting" not in [i.item_id for i in recs.items]
+        recs = await pipeline.recommend("cy", 4, exclude=("trek",))
+        shown = [i.item_id for i in recs.items]
+        assert "trek" not in shown and "sw" not in shown
+        # strong diversity mixes both genres into the top four
+        assert {i in SCIFI for i in shown} == {True, False}
+        assert all(item.reasons for item in recs.items)
+
+
+async def test_cross_encoder_rescoring_runs_on_a_real_model(tmp_path: Path) -> None:
+    from agent.embeddings import default_model_path
+
+    # The bundled MiniLM loads as a CrossEncoder with a fresh scoring head: enough to check the
+    # plumbing (thread, timeout, blend), not the quality of its order.
+    options = {"cross_encoder": {"model": default_model_path(), "depth": 5, "weight": 1.0}}
+    async with pipeline_on(tmp_path, plugins=options, stage_timeout_ms=10_000) as pipeline:
+        await pipeline.apply_event(ev(0, "di", "sw"))
+        recs = await pipeline.recommend("di", 5)
+        assert len(recs.items) == 5
+        assert pipeline.metrics.value("recsys_plugin_failures_total", plugin="cross_encoder", hook="recsys_rerank", kind="error") == 0
+
+
+def test_projected_search_agrees_with_exact_search() -> None:
+    rng = np.random.default_rng(3)
+    # clustered like real text embeddings (topics), not isotropic noise, which no projection keeps
+    centres = rng.normal(size=(40, 384))
+    matrix = (centres[rng.integers(0, 40, 3_000)] + 0.25 * rng.normal(size=(3_000, 384))).astype(np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    vectors = ItemVectors(384)
+    vectors.set(list(range(3_000)), matrix, ["h"] * 3_000)
+    query = matrix[:5].mean(axis=0)
+    query /= np.linalg.norm(query)
+    allowed = np.ones(3_000, dtype=bool)
+    allowed[7] = False
+    slots, scores = vectors.search(query, 20, allowed)
+    exact = np.argsort(-(matrix @ query))
+    exact = [s for s in exact if s != 7][:20]
+    assert len(set(slots.tolist()) & set(exact)) >= 18
+    assert 7 not in slots.tolist() and np.all(np.diff(scores) <= 1e-6)
+
+
+async def test_pushes_shift_toward_the_genre_a_user_engages_with(settings: Settings, client: Client) -> None:
+    genre_share: list[float] = []
+    async with Agent(settings) as agent:
+        await client.upsert([item.to_dict() for item in FILMS])
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == len(FILMS))
+        await agent.pipeline.settle()
+        # the crowd makes the romances popular
+        for n in range(20):
+            await client.publish_event({"id": f"c{n}", "type": "view", "user_id": f"crowd{n}", "item_id": ["notting", "pretty", "love"][n % 3]})
+        # the fan starts like the crowd, then engages with science fiction only
+        for n, (kind, item) in enumerate([("view", "harry"), ("purchase", "trek"), ("purchase", "interstellar"), ("like", "dune")]):
+            await client.publish_event({"id": f"fan{n}", "type": kind, "user_id": "fan", "item_id": item})
+            await client.wait_for(lambda n=n: f"fan{n}" in client.reflected_event_ids())
+            push = next(p for p in client.pushes if p.get("event_id") == f"fan{n}")
+            top = [entry["item_id"] for entry in push["items"][:4]]
+            genre_share.append(sum(i in SCIFI for i in top) / len(top))
+    assert genre_share[-1] > genre_share[0], genre_share
+    assert genre_share[-1] >= 0.5, genre_share
+
+
+async def test_restart_restores_taste_and_learned_sources(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        await client.upsert([item.to_dict() for item in FILMS])
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == len(FILMS))
+        await agent.pipeline.settle()
+        for n, item in enumerate(["sw", "notting", "dune"]):
+            await client.publish_event({"id": f"r{n}", "type": "view", "user_id": "rex", "item_id": item})
+        await client.wait_for(lambda: "r2" in client.reflected_event_ids())
+        content = agent.pm.get_plugin("content")
+        before = content.taste(agent.pipeline.users.get("rex")).long
+        recs_before = [i.item_id for i in (await agent.pipeline.recommend("rex", 5)).items]
+    async with Agent(settings) as agent:
+        await agent.pipeline.settle()
+        after = agent.pm.get_plugin("content").taste(agent.pipeline.users.get("rex")).long
+        assert np.allclose(before, after, atol=1e-5)
+        recs_after = [i.item_id for i in (await agent.pipeline.recommend("rex", 5)).items]
+    assert recs_after == recs_before
