@@ -108,6 +108,7 @@ async def healthz(request: web.Request) -> web.Response:
             "users": len(state.pipeline.users),
             "items": state.pipeline.catalog.active_count(),
             "events_applied": metrics.value("recsys_events_applied_total"),
+            "item_vectors": metrics.value("recsys_item_vectors"),
         }
     )
 

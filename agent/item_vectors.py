@@ -89,19 +89,29 @@ class ItemVectors:
 
     def search(self, query: np.ndarray, n: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` best slots by cosine (vectors are normalised) among ``allowed``, best first."""
+        return self.search_many([query], n, allowed)[0]
+
+    def search_many(self, queries: list[np.ndarray], n: int, allowed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`search` for several queries in one pass over the vectors."""
         size = len(allowed)
         self._ensure(size)
         self._refit_if_grown()
         allowed = allowed & self._present[:size]
+        stacked = np.stack(queries, axis=1).astype(np.float32)
         if self._basis is None:
-            return top_slots(self._matrix[:size] @ query, n, allowed)
-        approx = self._reduced[:size] @ (query @ self._basis)
-        shortlist, _ = top_slots(approx, n * RESCORE_FACTOR, allowed)
-        if len(shortlist) == 0:
-            return shortlist, np.empty(0)
-        exact = self._matrix[shortlist] @ query
-        order = np.argsort(-exact, kind="stable")[:n]
-        return shortlist[order], exact[order]
+            scores = self._matrix[:size] @ stacked
+            return [top_slots(scores[:, j], n, allowed) for j in range(len(queries))]
+        approx = self._reduced[:size] @ (self._basis.T @ stacked)
+        out = []
+        for j, query in enumerate(queries):
+            shortlist, _ = top_slots(approx[:, j], n * RESCORE_FACTOR, allowed)
+            if len(shortlist) == 0:
+                out.append((shortlist, np.empty(0)))
+                continue
+            exact = self._matrix[shortlist] @ query
+            order = np.argsort(-exact, kind="stable")[:n]
+            out.append((shortlist[order], exact[order]))
+        return out
 
     def nbytes(self) -> int:
         return int(self._matrix.nbytes + self._present.nbytes + self._reduced.nbytes)

@@ -30,6 +30,7 @@ class Metrics:
         self.users = Gauge("recsys_users", "Users held in memory", registry=r)
         self.items = Gauge("recsys_items", "Items in the catalog", registry=r)
         self.push_backlog = Gauge("recsys_push_backlog", "Users waiting for a push", registry=r)
+        self.item_vectors = Gauge("recsys_item_vectors", "Items with an embedding ready for content retrieval", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,6 +31,7 @@ from agent.context import AgentContext
 from agent.embeddings import Embedder, content_hash, item_text, shared_embedder
 from agent.hookspecs import hookimpl
 from agent.item_vectors import ItemVectors
+from agent.metrics import Metrics
 from agent.models import Event, Item
 from agent.ranking import Candidates, Query
 from agent.signals import event_signal
@@ -92,6 +93,7 @@ class ContentRetrieval:
         self._tasks: set[asyncio.Task[None]] = set()
         self._catalog: Catalog | None = None
         self.failure: BaseException | None = None
+        self._metrics: Metrics | None = None
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -105,6 +107,7 @@ class ContentRetrieval:
         self.rating_max = ctx.settings.rating_max
         self.cache_max_items = ctx.settings.vector_cache_max_items
         self._catalog = ctx.catalog
+        self._metrics = ctx.metrics
         # Small numpy products on the hot path: BLAS threads only add hand-off latency.
         limiter = threadpool_limits(1, user_api="blas")
         worker = asyncio.create_task(self._work(ctx), name="content-embedding")
@@ -151,6 +154,7 @@ class ContentRetrieval:
             batch = await self._queue.get()
             try:
                 await self._embed(self._needing_vectors(batch))
+                self._metrics_gauge()
             except Exception:
                 log.exception("embedding a catalog batch failed; those items stay out of content retrieval")
             finally:
@@ -171,6 +175,10 @@ class ContentRetrieval:
         # Queued, not awaited: the upsert is applied (the catalog knows the item) and its vector
         # follows. If the agent stops first, the catalog replay at start queues it again.
         self._queue.put_nowait(list(zip(items, slots, strict=True)))
+
+    def _metrics_gauge(self) -> None:
+        if self._metrics is not None and self.vectors is not None:
+            self._metrics.item_vectors.set(self.vectors.count)
 
     def _needing_vectors(self, batch: list[tuple[Item, int]]) -> list[tuple[Item, int, str, str]]:
         assert self.vectors is not None and self.embedder is not None and self._catalog is not None
@@ -202,6 +210,7 @@ class ContentRetrieval:
                 )
                 self.vectors.set([slot for _, slot, _, _ in chunk], vectors, [d for _, _, _, d in chunk])
                 progress.update(len(chunk))
+                self._metrics_gauge()
         finally:
             progress.close()
 
@@ -298,10 +307,9 @@ class ContentRetrieval:
         catalog = query.catalog
         if catalog.size > self.cache_max_items:
             return self._search_qdrant(query, taste, queries)
-        allowed = query.allowed()
+        found = self.vectors.search_many([vector for _, vector in queries], query.n_candidates, query.allowed())
         results = []
-        for source, vector in queries:
-            slots, scores = self.vectors.search(vector, query.n_candidates, allowed)
+        for (source, vector), (slots, scores) in zip(queries, found, strict=True):
             if len(slots):
                 results.append(
                     Candidates(

@@ -115,7 +115,9 @@ class LearnedFusion:
     @staticmethod
     def _raw_scores(cands: Candidates, slots: np.ndarray) -> np.ndarray:
         if cands.score_of is not None:
-            return np.nan_to_num(np.asarray(cands.score_of(slots), dtype=np.float64), nan=-np.inf)
+            raw = np.asarray(cands.score_of(slots), dtype=np.float64)
+            raw[np.isnan(raw)] = -np.inf
+            return raw
         # without score_of, an item's standing in this source is its rank gain (0 if absent)
         ranks = {slot: rank for rank, slot in enumerate(cands.slots.tolist(), start=1)}
         return np.array([gain(ranks[s]) if s in ranks else 0.0 for s in slots.tolist()])
@@ -125,14 +127,18 @@ class LearnedFusion:
         """z-scores over the candidates: scale-free, yet a clear favourite keeps its lead
         (popularity is heavy-tailed; a percentile would flatten that)."""
         known = np.isfinite(raw)
+        if known.all():
+            mean = raw.mean()
+            spread = np.sqrt(np.dot(raw - mean, raw - mean) / len(raw))
+            if spread <= 0:
+                return np.zeros(len(raw))
+            return np.clip((raw - mean) / spread, Z_MIN, Z_MAX)
         if not known.any():
             return np.zeros(len(raw))
         values = raw[known]
         spread = values.std()
-        z = np.zeros(len(raw))
-        if spread > 0:
-            z[known] = (values - values.mean()) / spread
-        z[~known] = Z_MIN
+        z = np.full(len(raw), Z_MIN)
+        z[known] = (values - values.mean()) / spread if spread > 0 else 0.0
         return np.clip(z, Z_MIN, Z_MAX)
 
     @hookimpl(trylast=True)
@@ -146,13 +152,19 @@ class LearnedFusion:
         union = np.unique(np.concatenate([c.slots for c in candidates]))
         features = np.stack([self._standardised(self._raw_scores(c, union)) for c in candidates], axis=1)
         top, scores = top_slots(features @ weights, query.n_candidates)
+        top_slots_ = union[top]
+        # which source proposed each top item, strongest contribution first (for reasons)
+        mark = np.zeros(query.catalog.size, dtype=bool)
+        proposed = np.empty((len(top_slots_), len(candidates)), dtype=bool)
+        for column, c in enumerate(candidates):
+            mark[c.slots] = True
+            proposed[:, column] = mark[top_slots_]
+            mark[c.slots] = False
+        strength = np.where(proposed, features[top] * weights, -np.inf)
+        order = np.argsort(-strength, axis=1, kind="stable")
         ranked = []
-        members = [set(c.slots.tolist()) for c in candidates]
-        for position, score in zip(top.tolist(), scores.tolist(), strict=True):
-            slot = int(union[position])
-            strength = features[position] * weights
-            order = np.argsort(-strength, kind="stable")
-            ranked.append(Scored(slot=slot, score=score, sources=[sources[i] for i in order if slot in members[i]]))
+        for row, (slot, score) in enumerate(zip(top_slots_.tolist(), scores.tolist(), strict=True)):
+            ranked.append(Scored(slot=slot, score=score, sources=[sources[i] for i in order[row] if proposed[row, i]]))
         # Only rankings of known users are remembered: a read for a user the agent does not
         # hold must not grow memory.
         if query.user.event_count:

@@ -1,0 +1,111 @@
+"""``recsys-agent catalog import``: bulk-load items into Qdrant and the catalog stream.
+
+The expensive part, embedding, runs here in batches with a progress bar, through the same
+content plugin the agent uses, into the same Qdrant (the data dir's local store, or
+``--qdrant-url``). The items are then published to the catalog stream, so the agent knows them
+at its next start (or at once, when it is running against ``--nats-url``); their vectors are
+found in Qdrant by content hash and nothing is embedded twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+import nats
+import orjson
+from tqdm import tqdm
+
+from agent.cli import _add_settings_flags, configure_logging, settings_from_args
+from agent.config import Settings
+from agent.ingest import ensure_streams
+from agent.models import InvalidMessage, Item, parse_item
+from agent.nats_server import embedded_nats_server
+from agent.pipeline import Pipeline
+from agent.plugin_manager import get_plugin_manager
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BATCH = 256
+
+
+class ImportError_(ValueError):
+    pass
+
+
+def read_items(path: Path) -> list[Item]:
+    items: list[Item] = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(parse_item(orjson.loads(line)))
+            except orjson.JSONDecodeError as exc:
+                raise ImportError_(f"{path}:{number}: invalid JSON: {exc}") from None
+            except InvalidMessage as exc:
+                raise ImportError_(f"{path}:{number}: {exc}") from None
+    return items
+
+
+async def embed_items(settings: Settings, items: list[Item]) -> float:
+    """Embed (what is new or changed) into Qdrant; returns the seconds it took."""
+    pipeline = Pipeline(settings, get_plugin_manager(settings))
+    started = time.perf_counter()
+    async with pipeline.running():
+        await pipeline.upsert_items(items)
+        await pipeline.settle()
+        content = pipeline.pm.get_plugin("content")
+        failure = getattr(content, "failure", None)
+        if failure is not None:
+            raise ImportError_(f"content retrieval could not start: {failure}")
+    return time.perf_counter() - started
+
+
+async def publish_items(settings: Settings, items: list[Item]) -> None:
+    async def publish(url: str) -> None:
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, settings)
+            subject = settings.subject("catalog", "upsert")
+            for start in tqdm(range(0, len(items), PUBLISH_BATCH), desc="publishing", unit="batch", disable=None):
+                batch = [item.to_dict() for item in items[start : start + PUBLISH_BATCH]]
+                await js.publish(subject, orjson.dumps(batch))
+        finally:
+            await nc.drain()
+
+    if settings.nats_url:
+        await publish(settings.nats_url)
+        return
+    async with embedded_nats_server(settings.data_dir / "nats", 0, binary=settings.nats_server_bin) as server:
+        await publish(server.url)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="catalog_command", required=True)
+    load = sub.add_parser("import", help="embed items.jsonl into Qdrant and publish it to the catalog stream")
+    load.add_argument("items", type=Path, help="JSON lines of Items (the wire contract)")
+    _add_settings_flags(load)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+    try:
+        items = read_items(args.items)
+        seconds = asyncio.run(embed_items(settings, items))
+        print(f"embedded {len(items)} items in {seconds:.1f} s into Qdrant ({settings.qdrant_url or settings.data_dir / 'qdrant'})")
+        asyncio.run(publish_items(settings, items))
+    except (ImportError_, OSError) as exc:
+        message = str(exc)
+        if "already accessed by another instance" in message:
+            message = "the data dir's Qdrant is in use by a running agent: stop it, or run both against --qdrant-url"
+        print(f"recsys-agent catalog import: {message}", file=sys.stderr)
+        return 1
+    print(f"published {len(items)} items to {settings.subject('catalog', 'upsert')}")
+    return 0

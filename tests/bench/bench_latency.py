@@ -1,0 +1,172 @@
+"""Benchmark: event -> push latency over real NATS, ingest rate and memory per user.
+
+    python tests/bench/bench_latency.py --items out/items.jsonl --events out/events.jsonl
+
+Runs the agent as its own process on its embedded defaults (a data dir of its own), with the
+catalog embedded beforehand by ``recsys-agent catalog import`` (cached in the data dir across
+runs). A nats.py client publishes events at a fixed rate (open loop: the send schedule does not
+wait for the agent) and a second subscription times every push; a coalesced push counts for
+every event it reflects. Prints medians and percentiles; the machine is shared, so compare runs
+made back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import nats
+import orjson
+
+LISTENING = re.compile(r"listening: NATS (\S+)\s+HTTP (\S+)")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def start_agent(data_dir: Path) -> tuple[asyncio.subprocess.Process, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "run", "--data-dir", str(data_dir), "--nats-port", "0", "--http-port", "0",
+        "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    while True:
+        line = (await process.stdout.readline()).decode()
+        if not line:
+            raise SystemExit("agent did not start")
+        match = LISTENING.search(line)
+        if match:
+            break
+
+    async def drain() -> None:
+        async for _ in process.stdout:  # type: ignore[union-attr]
+            pass
+
+    asyncio.get_running_loop().create_task(drain())
+    return process, match.group(1), match.group(2)
+
+
+async def health(http: aiohttp.ClientSession, url: str) -> dict:
+    async with http.get(f"{url}/healthz") as response:
+        return await response.json()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    items = [orjson.loads(line) for line in open(args.items, encoding="utf-8")][: args.catalog]
+    data_dir = Path(args.data_dir)
+    marker = data_dir / f"imported-{len(items)}"
+    if not marker.exists():
+        subset = data_dir / "items.jsonl"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        subset.write_bytes(b"\n".join(orjson.dumps(i) for i in items) + b"\n")
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "agent", "catalog", "import", str(subset), "--data-dir", str(data_dir), "--log-level", "WARNING"], check=True)
+        print(f"catalog import of {len(items)} items: {time.perf_counter() - started:.1f} s")
+        marker.touch()
+    events = [orjson.loads(line) for line in open(args.events, encoding="utf-8")]
+
+    process, nats_url, http_url = await start_agent(data_dir)
+    try:
+        async with aiohttp.ClientSession() as http:
+            started = time.perf_counter()
+            while True:
+                state = await health(http, http_url)
+                if state["items"] >= len(items) and state["item_vectors"] >= len(items):
+                    break
+                await asyncio.sleep(0.5)
+            print(f"agent ready with {state['items']} items and vectors in {time.perf_counter() - started:.1f} s")
+            nc = await nats.connect(nats_url)
+            sent: dict[str, float] = {}
+            received: dict[str, float] = {}
+            pushes = 0
+
+            async def on_push(msg) -> None:  # type: ignore[no-untyped-def]
+                nonlocal pushes
+                now = time.perf_counter()
+                pushes += 1
+                body = orjson.loads(msg.data)
+                for event_id in body.get("event_ids") or [body.get("event_id")]:
+                    received.setdefault(event_id, now)
+
+            await nc.subscribe("recsys.recs.>", cb=on_push)
+            await nc.flush()
+
+            # latency at a fixed rate
+            total = int(args.rate * args.seconds)
+            start = time.perf_counter()
+            for n in range(total):
+                source = events[n % len(events)]
+                event_id = f"lat-{n}"
+                body = {"id": event_id, "type": "view", "user_id": f"{source['user_id']}", "item_id": source["item_id"]}
+                due = start + n / args.rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent[event_id] = time.perf_counter()
+                await nc.publish("recsys.events.view", orjson.dumps(body))
+            send_seconds = time.perf_counter() - start
+            deadline = time.perf_counter() + 30
+            while len(received.keys() & sent.keys()) < total and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+            latencies = [1000 * (received[e] - sent[e]) for e in sent if e in received]
+            print(f"latency at {args.rate:.0f} events/s for {send_seconds:.1f} s ({total} events, {pushes} pushes, "
+                  f"{len(latencies)} reflected): p50 {statistics.median(latencies):.2f} ms, "
+                  f"p90 {percentile(latencies, 0.9):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms, max {max(latencies):.1f} ms")
+
+            # ingest: as fast as the client can publish; pushes coalesce under this load
+            before = (await health(http, http_url))["events_applied"]
+            rss_before = rss_kib(process.pid)
+            count = args.ingest
+            start = time.perf_counter()
+            for n in range(count):
+                body = {"id": f"ing-{n}", "type": "view", "user_id": f"ingest-user-{n % args.users}", "item_id": items[(n * 7919) % len(items)]["id"]}
+                await nc.publish("recsys.events.view", orjson.dumps(body))
+                if n % 1000 == 0:
+                    await nc.flush()
+            while (await health(http, http_url))["events_applied"] < before + count:
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - start
+            rss_after = rss_kib(process.pid)
+            last = {f"ing-{n}" for n in range(count - args.users, count)}
+            deadline = time.perf_counter() + 30
+            while not last <= received.keys() and time.perf_counter() < deadline:
+                await asyncio.sleep(0.05)
+            print(f"ingest: {count} events for {args.users} new users applied in {elapsed:.2f} s = {count / elapsed:.0f} events/s; "
+                  f"last event of every user reflected in a push: {last <= received.keys()}")
+            print(f"memory: RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB, "
+                  f"{(rss_after - rss_before) * 1024 / args.users:.0f} bytes per new user (history of {count // args.users} events)")
+            await nc.close()
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", required=True)
+    parser.add_argument("--events", required=True)
+    parser.add_argument("--catalog", type=int, default=10_000, help="catalog size")
+    parser.add_argument("--rate", type=float, default=1_000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--ingest", type=int, default=20_000)
+    parser.add_argument("--users", type=int, default=2_000)
+    parser.add_argument("--data-dir", default="out/bench-data")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,52 @@
+"""``recsys-agent catalog import``: embeds once, publishes, and the agent picks both up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from agent.app import Agent
+from agent.catalog_import import ImportError_, embed_items, publish_items, read_items
+from agent.config import Settings
+from agent.embeddings import Embedder
+from agent.vector_store import VectorStore
+
+
+def write_items(path: Path, count: int) -> None:
+    lines = [orjson.dumps({"id": f"m{i}", "title": f"Movie {i}", "categories": ["Drama" if i % 2 else "Comedy"]}) for i in range(count)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items_file = tmp_path / "items.jsonl"
+    write_items(items_file, 40)
+    items = read_items(items_file)
+    await embed_items(settings, items)
+    await publish_items(settings, items)
+    store = VectorStore(settings.qdrant_collection, 384, path=settings.data_dir / "qdrant")
+    assert store.count() == 40
+    store.close()
+
+    calls: list[int] = []
+    original = Embedder.encode
+
+    def counting(self: Embedder, texts: list[str], show_progress: bool = False) -> np.ndarray:
+        calls.append(len(texts))
+        return original(self, texts, show_progress)
+
+    monkeypatch.setattr(Embedder, "encode", counting)
+    async with Agent(settings) as agent:
+        await agent.pipeline.settle()
+        assert agent.pipeline.catalog.active_count() == 40
+        assert agent.pipeline.context.extras["item_vectors"].count == 40
+    assert calls == []
+
+
+def test_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    items_file = tmp_path / "items.jsonl"
+    items_file.write_text('{"id": "a", "title": "A"}\n{"id": "b"}\n')
+    with pytest.raises(ImportError_, match=r"items.jsonl:2: missing field 'title'"):
+        read_items(items_file)
