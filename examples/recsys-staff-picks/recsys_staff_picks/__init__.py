@@ -1,0 +1,56 @@
+"""Editors' picks as a candidate source: items whose ``attributes.staff_pick`` is true.
+
+Install beside the agent (``pip install ./examples/recsys-staff-picks``) and restart it; the
+fusion learns how much the picks are worth from what users do next. Settings come from the
+agent's TOML file, ``[plugins.staff_picks] reason = "..."``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+
+from agent.context import AgentContext
+from agent.hookspecs import hookimpl
+from agent.models import Item
+from agent.ranking import Candidates, Query
+
+
+class StaffPicks:
+    def __init__(self) -> None:
+        self.picks: set[int] = set()
+        self.reason = "picked by our editors"
+
+    @hookimpl
+    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        return self._configure(ctx)
+
+    @asynccontextmanager
+    async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
+        self.reason = str(ctx.options("staff_picks").get("reason", self.reason))
+        yield
+
+    @hookimpl
+    def recsys_catalog_upsert(self, items: list[Item], slots: list[int]) -> None:
+        for item, slot in zip(items, slots, strict=True):
+            if item.attributes.get("staff_pick") is True:
+                self.picks.add(slot)
+            else:
+                self.picks.discard(slot)
+
+    @hookimpl
+    def recsys_catalog_delete(self, slot: int) -> None:
+        self.picks.discard(slot)
+
+    @hookimpl
+    def recsys_candidates(self, query: Query) -> Candidates | None:
+        allowed = query.allowed()
+        slots = np.array(sorted(s for s in self.picks if s < len(allowed) and allowed[s]), dtype=np.int64)
+        if len(slots) == 0:
+            return None
+        return Candidates(
+            source="staff_picks", slots=slots[: query.n_candidates], scores=np.ones(min(len(slots), query.n_candidates)),
+            reasons=self.reason, score_of=lambda wanted: np.isin(wanted, slots).astype(float),
+        )
