@@ -15,11 +15,12 @@ long-standing users, so weights are kept per history-length segment, and redunda
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
 from collections import OrderedDict
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from agent.hookspecs import hookimpl
 from agent.models import Event
 from agent.ranking import Candidates, Query, Scored, top_slots
 from agent.signals import event_signal
+from agent.snapshots import Snapshots
 from agent.state import UserState
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ L2 = 1e-4
 HARD_NEGATIVES = 5
 RANDOM_NEGATIVES = 20
 MAX_PENDING = 20_000
+SNAPSHOT_KEY = "fusion.weights"
+SAVE_EVERY_S = 10.0
 Z_MIN, Z_MAX = -3.0, 10.0
 
 
@@ -100,7 +104,34 @@ class LearnedFusion:
             raise ValueError("[plugins.fusion] learning_rate must be in (0, 1] and max_pending_rankings at least 1")
         self.rating_max = ctx.settings.rating_max
         ctx.extras["fusion_weights"] = self.weights
-        yield
+        snapshots = Snapshots(ctx.js, f"{ctx.settings.stream_name}_STATE") if ctx.js is not None else None
+        if snapshots is not None:
+            saved = await snapshots.load(SNAPSHOT_KEY)
+            if isinstance(saved, dict):
+                for segment, table in saved.items():
+                    if isinstance(table, dict):
+                        self.weights[str(segment)] = {str(k): float(v) for k, v in table.items()}
+        saver = asyncio.create_task(self._save_periodically(snapshots)) if snapshots is not None else None
+        try:
+            yield
+        finally:
+            if saver is not None and snapshots is not None:
+                saver.cancel()
+                with suppress(asyncio.CancelledError):
+                    await saver
+                with suppress(Exception):
+                    await snapshots.save(SNAPSHOT_KEY, self.weights)
+
+    async def _save_periodically(self, snapshots: Snapshots) -> None:
+        saved_at = self.feedbacks
+        while True:
+            await asyncio.sleep(SAVE_EVERY_S)
+            if self.feedbacks != saved_at:
+                try:
+                    await snapshots.save(SNAPSHOT_KEY, self.weights)
+                    saved_at = self.feedbacks
+                except Exception as exc:
+                    log.warning("could not save the fusion weights: %s", exc)
 
     def _weights(self, segment: str, sources: list[str], plugins: list[str] | None = None) -> np.ndarray:
         table = self.weights.setdefault(segment, {})

@@ -274,3 +274,11 @@ async def test_restart_restores_taste_and_learned_sources(settings: Settings, cl
         assert np.allclose(before, after, atol=1e-5)
         recs_after = [i.item_id for i in (await agent.pipeline.recommend("rex", 5)).items]
     assert recs_after == recs_before
+
+
+async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        fusion = agent.pm.get_plugin("fusion")
+        fusion.weights["long"] = {"trending": 0.25, "content_recent": 1.5}
+    async with Agent(settings) as agent:
+        assert agent.pm.get_plugin("fusion").weights["long"] == {"trending": 0.25, "content_recent": 1.5}
