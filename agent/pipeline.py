@@ -27,7 +27,7 @@ from agent.state import Deduplicator, Interaction, UserState, UserStore
 log = logging.getLogger(__name__)
 
 # Sources are asked for this many times k so that rerankers (diversity, filters) have room.
-CANDIDATE_FACTOR = 5
+CANDIDATE_FACTOR = 3
 
 
 class ApplyOutcome(Enum):
@@ -164,7 +164,7 @@ class Pipeline:
             k=k,
             now=self.clock(),
             catalog=self.catalog,
-            n_candidates=max(k * CANDIDATE_FACTOR, 50),
+            n_candidates=max(k * CANDIDATE_FACTOR, 30),
             exclude=excluded,
             categories=categories,
             event=event,

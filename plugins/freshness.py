@@ -11,7 +11,7 @@ from agent.catalog import grow
 from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.models import Item
-from agent.ranking import Candidates, Query, top_slots
+from agent.ranking import Candidates, Query
 
 DEFAULT_WINDOW_S = 7 * 86_400.0
 
@@ -25,6 +25,8 @@ class Freshness:
         self.added_at = np.full(1024, -np.inf)
         self.window_s = DEFAULT_WINDOW_S
         self.clock: Callable[[], float] | None = None
+        # slots, newest first; recomputed only when an item is added
+        self._newest_first: np.ndarray | None = None
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -46,13 +48,19 @@ class Freshness:
             # an edit does not make an item new again
             if not np.isfinite(self.added_at[slot]):
                 self.added_at[slot] = now
+                self._newest_first = None
 
     @hookimpl
     def recsys_candidates(self, query: Query) -> Candidates | None:
         size = query.catalog.size
         self.added_at = grow(self.added_at, size, fill=-np.inf)
         added = self.added_at[:size]
-        slots, values = top_slots(added, query.n_candidates, query.allowed() & (added >= query.now - self.window_s))
+        if self._newest_first is None or len(self._newest_first) > size:
+            known = np.flatnonzero(np.isfinite(added))
+            self._newest_first = known[np.argsort(-added[known], kind="stable")]
+        ordered = self._newest_first[self._newest_first < size]
+        ordered = ordered[added[ordered] >= query.now - self.window_s]
+        slots = ordered[query.allowed()[ordered]][: query.n_candidates]
         if len(slots) == 0:
             return None
         now = query.now

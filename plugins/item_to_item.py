@@ -109,38 +109,48 @@ class ItemToItem:
 
     def _score(self, query: Query, neighbours: Neighbours, source: str, template: str) -> Candidates | None:
         recent = self._recent_positive(query.user, QUERY_ITEMS, skip_last=False)
-        if not recent:
-            return None
+        parts_slots, parts_values, parts_anchor = [], [], []
         size = query.catalog.size
         self.counts = grow(self.counts, size)
-        scores = np.zeros(size)
-        best = np.zeros(size)
-        because = np.full(size, -1, dtype=np.int64)
-        found = False
         for age, anchor in enumerate(recent):
             row = neighbours.row(anchor)
             if row is None:
                 continue
             slots, weights = row
-            inside = slots < size
-            slots, weights = slots[inside], weights[inside]
             norm = np.sqrt(np.maximum(self.counts[slots], 1.0) * max(self.counts[anchor], 1.0))
-            contribution = (RECENCY**age) * weights / norm
-            np.add.at(scores, slots, contribution)
-            better = contribution > best[slots]
-            best[slots[better]] = contribution[better]
-            because[slots[better]] = anchor
-            found = True
-        if not found:
+            parts_slots.append(slots)
+            parts_values.append((RECENCY**age) * weights / norm)
+            parts_anchor.append(np.full(len(slots), anchor, dtype=np.int64))
+        if not parts_slots:
             return None
-        top, values = top_slots(scores, query.n_candidates, (scores > 0) & query.allowed())
-        if len(top) == 0:
+        # Sparse throughout: only the neighbours of the user's recent items are touched.
+        slots = np.concatenate(parts_slots)
+        values = np.concatenate(parts_values)
+        anchors = np.concatenate(parts_anchor)
+        unique, inverse = np.unique(slots, return_inverse=True)
+        totals = np.bincount(inverse, weights=values)
+        # the anchor that contributed most to each item names the reason
+        order = np.lexsort((-values, inverse))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = inverse[order][1:] != inverse[order][:-1]
+        because = anchors[order][first]
+        allowed = query.allowed()
+        keep = (unique < len(allowed)) & (totals > 0)
+        keep[keep] = allowed[unique[keep]]
+        if not keep.any():
             return None
+        picked, picked_scores = top_slots(np.where(keep, totals, -np.inf), query.n_candidates)
         catalog = query.catalog
+        reason_anchor = dict(zip(unique[picked].tolist(), because[picked].tolist(), strict=True))
+
+        def score_of(wanted: np.ndarray) -> np.ndarray:
+            positions = np.minimum(np.searchsorted(unique, wanted), len(unique) - 1)
+            return np.where(unique[positions] == wanted, totals[positions], 0.0)
+
         return Candidates(
-            source=source, slots=top, scores=values,
-            reasons=lambda slot: template.format(catalog.title(int(because[slot]))),
-            score_of=lambda wanted: scores[wanted],
+            source=source, slots=unique[picked], scores=picked_scores,
+            reasons=lambda slot: template.format(catalog.title(reason_anchor.get(slot, slot))),
+            score_of=score_of,
         )
 
     @hookimpl

@@ -29,6 +29,7 @@ EVENT_WEIGHTS: dict[str, float] = {
 }
 
 
+HEAD_DEPTH = 256
 DEFAULT_HALF_LIVES: dict[str, float] = {"trending": 0.0, "popular_week": 7 * 86_400.0, "popular_month": 30 * 86_400.0}
 REASONS = {"trending": "trending now", "popular_week": "popular this week", "popular_month": "popular this month"}
 
@@ -40,10 +41,16 @@ class DecayedCounts:
     and every score decays by the same factor, so ranking never needs a sweep.
     """
 
-    def __init__(self, half_life_s: float) -> None:
+    def __init__(self, half_life_s: float, depth: int = HEAD_DEPTH) -> None:
         self.rate = math.log(2) / half_life_s
         self.scores = np.zeros(1024)
         self.reference_ts: float | None = None
+        # The head: a superset of the ``depth`` best items, kept exactly. Scores only grow (in
+        # reference units), so an item outside the head can only enter through add().
+        self.depth = depth
+        self.head: dict[int, float] = {}
+        self.head_floor = 0.0
+        self._ordered: np.ndarray | None = None
 
     def add(self, slot: int, weight: float, ts: float) -> None:
         if self.reference_ts is None:
@@ -51,11 +58,34 @@ class DecayedCounts:
         exponent = (ts - self.reference_ts) * self.rate
         if exponent > 50:
             # Move the reference forward before exp() overflows; rescaling keeps the order.
-            self.scores *= math.exp(-exponent)
+            factor = math.exp(-exponent)
+            self.scores *= factor
+            self.head = {s: v * factor for s, v in self.head.items()}
+            self.head_floor *= factor
             self.reference_ts = ts
             exponent = 0.0
         self.scores = grow(self.scores, slot + 1)
         self.scores[slot] += weight * math.exp(exponent)
+        value = float(self.scores[slot])
+        if slot in self.head or value > self.head_floor or len(self.head) < self.depth:
+            self.head[slot] = value
+            self._ordered = None
+            if len(self.head) > 2 * self.depth:
+                kept = sorted(self.head.items(), key=lambda kv: kv[1], reverse=True)[: self.depth]
+                self.head = dict(kept)
+                self.head_floor = kept[-1][1]
+
+    def top(self, n: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` best allowed slots with a positive score, from the head when it suffices."""
+        if self._ordered is None:
+            self._ordered = np.array(sorted(self.head, key=self.head.__getitem__, reverse=True), dtype=np.int64)
+        ordered = self._ordered[self._ordered < len(allowed)]
+        chosen = ordered[allowed[ordered]][:n]
+        if len(chosen) == n or len(self.head) < self.depth:
+            return chosen, self.scores[chosen]
+        # the user has excluded most of the head: a full scan is exact
+        scores = self.view(len(allowed))
+        return top_slots(scores, n, allowed & (scores > 0))
 
     def view(self, size: int) -> np.ndarray:
         self.scores = grow(self.scores, size)
@@ -114,7 +144,7 @@ class Trending:
         found = []
         for name, counter in self.counters.items():
             scores = counter.view(size)
-            slots, values = top_slots(scores, query.n_candidates, allowed & (scores > 0))
+            slots, values = counter.top(query.n_candidates, allowed)
             if len(slots):
                 found.append(
                     Candidates(
