@@ -82,11 +82,12 @@ def build_parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
 
 
 def extra_commands() -> dict[str, Command]:
-    from agent import datasets, replay
+    from agent import catalog_import, datasets, replay
 
     return {
         "dataset": (datasets.configure_parser, datasets.run_command),
         "replay": (replay.configure_parser, replay.run_command),
+        "catalog": (catalog_import.configure_parser, catalog_import.run_command),
     }
 
 
