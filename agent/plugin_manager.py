@@ -32,6 +32,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "cross_encoder": "plugins.cross_encoder:CrossEncoderReranker",
     "request_filters": "plugins.rerankers:RequestFilters",
     "nats_publisher": "plugins.nats_publisher:NatsPublisher",
+    "summariser": "plugins.summariser:Summariser",
 }
 
 

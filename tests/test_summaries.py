@@ -1,0 +1,389 @@
+"""The slow-path scheduler's own logic, with a scripted LLM function (the real model is exercised
+in test_llm_integration.py): coalescing, bounds, fairness, timeouts, retries, the breaker, and
+the summariser plugin inside a pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from typing import Any
+
+import pytest
+
+from agent.config import ConfigError, load_settings
+from agent.llm_client import LLMOutputError, LLMRejected, LLMUnavailable
+from agent.models import Event, Item
+from agent.pipeline import Pipeline
+from agent.plugin_manager import get_plugin_manager
+from agent.prompts import HistoryEntry
+from agent.state import Interaction, UserState
+from agent.summaries import (
+    PROFILE_KEY,
+    BreakerState,
+    CircuitBreaker,
+    Snapshot,
+    SummaryOptions,
+    SummaryScheduler,
+    heuristic_fields,
+    profile_text,
+)
+
+ANSWER = {"interests": ["space opera"], "avoid": [], "summary": "Likes space opera."}
+
+
+class Users:
+    """A ProfileSource over plain UserStates, as the plugin provides one over the UserStore."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, UserState] = {}
+        self.stored: list[tuple[str, dict[str, Any]]] = []
+
+    def add_events(self, user_id: str, n: int = 1) -> int:
+        user = self.users.setdefault(user_id, UserState(user_id=user_id, recent=deque(maxlen=50)))
+        for _ in range(n):
+            user.recent.append(Interaction(slot=0, type="view", ts=0.0))
+            user.event_count += 1
+        return self.unsummarised(user_id)
+
+    def snapshot(self, user_id: str) -> Snapshot | None:
+        user = self.users.get(user_id)
+        if user is None:
+            return None
+        entries = [HistoryEntry(title=f"Film {i}", categories=("Sci-Fi",), event="view") for i in range(len(user.recent))]
+        return Snapshot(entries=entries, event_count=user.event_count, has_profile=PROFILE_KEY in user.extras, owner=user)
+
+    def unsummarised(self, user_id: str) -> int:
+        user = self.users.get(user_id)
+        if user is None:
+            return 0
+        return user.event_count - int(user.extras.get("covered", 0))  # type: ignore[call-overload]
+
+    def store(self, user_id: str, snapshot: Snapshot, profile: dict[str, Any], *, final: bool) -> None:
+        user = self.users.get(user_id)
+        if user is None or user is not snapshot.owner:
+            return
+        if final:
+            user.extras["covered"] = snapshot.event_count
+        user.extras[PROFILE_KEY] = profile
+        self.stored.append((user_id, profile))
+
+
+class ScriptedLLM:
+    """Answers after ``delay`` seconds, or raises the next scripted error."""
+
+    def __init__(self, delay: float = 0.0, errors: list[Exception] | None = None) -> None:
+        self.delay = delay
+        self.errors = list(errors or [])
+        self.calls = 0
+        self.concurrent = 0
+        self.max_concurrent = 0
+        self.release: asyncio.Event | None = None
+
+    async def __call__(self, entries: list[HistoryEntry]) -> dict[str, Any]:
+        self.calls += 1
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            if self.release is not None:
+                await self.release.wait()
+            await asyncio.sleep(self.delay)
+            if self.errors:
+                raise self.errors.pop(0)
+            return dict(ANSWER)
+        finally:
+            self.concurrent -= 1
+
+
+def options(**overrides: Any) -> SummaryOptions:
+    values: dict[str, Any] = {"refresh_after_events": 2, "refresh_after_s": 60.0, "backoff_s": 0.001, **overrides}
+    return SummaryOptions.parse(values)
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def test_events_of_a_user_coalesce_into_one_summary_and_a_rerun() -> None:
+    users, llm = Users(), ScriptedLLM()
+    llm.release = asyncio.Event()
+    scheduler = SummaryScheduler(options(max_concurrency=2), users, llm)
+    async with scheduler.running_tasks():
+        scheduler.note_event("ann", users.add_events("ann", 2))
+        await until(lambda: llm.calls == 1)
+        for _ in range(20):  # while her summary is in flight
+            scheduler.note_event("ann", users.add_events("ann"))
+        assert scheduler.stats()["pending"] == 0, "an in-flight user is never queued a second time"
+        llm.release.set()
+        await until(lambda: len(users.stored) >= 3 and scheduler.stats()["in_flight"] == 0)
+    sources = [p["source"] for _, p in users.stored]
+    # heuristic first profile at once, the LLM's, then one rerun for the 20 events that came during it
+    assert sources == ["heuristic", "llm", "llm"]
+    assert llm.calls == 2 and llm.max_concurrent == 1
+    assert users.stored[-1][1]["based_on_events"] == 22
+    assert scheduler.counts["coalesced"] >= 19
+
+
+async def test_pending_is_bounded_and_every_user_is_served_in_order() -> None:
+    users, llm = Users(), ScriptedLLM(delay=0.01)
+    scheduler = SummaryScheduler(options(max_concurrency=2, max_pending_users=5), users, llm)
+    peak = 0
+    async with scheduler.running_tasks():
+        for i in range(60):
+            scheduler.note_event(f"u{i:02}", users.add_events(f"u{i:02}", 2))
+            peak = max(peak, scheduler.stats()["pending"])
+        while any(PROFILE_KEY not in u.extras or u.extras[PROFILE_KEY]["source"] != "llm" for u in users.users.values()):
+            peak = max(peak, scheduler.stats()["pending"])
+            await asyncio.sleep(0.002)
+    assert peak <= 5
+    assert llm.max_concurrent <= 2
+    llm_order = [uid for uid, p in users.stored if p["source"] == "llm"]
+    assert sorted(llm_order) == [f"u{i:02}" for i in range(60)]
+    # first due, first served (two workers may swap neighbours)
+    assert all(abs(position - int(uid[1:])) <= 2 for position, uid in enumerate(llm_order))
+
+
+async def test_a_flooding_user_does_not_starve_quiet_users() -> None:
+    users, llm = Users(), ScriptedLLM(delay=0.01)
+    scheduler = SummaryScheduler(options(max_concurrency=1, max_pending_users=2), users, llm)
+
+    def llm_order() -> list[str]:
+        return [uid for uid, p in users.stored if p["source"] == "llm"]
+
+    async with scheduler.running_tasks():
+        scheduler.note_event("flood", users.add_events("flood", 5))
+        for i in range(10):
+            scheduler.note_event(f"quiet{i}", users.add_events(f"quiet{i}", 2))
+        # the flooding user keeps sending events faster than summaries are written
+        while not all(f"quiet{i}" in llm_order() for i in range(10)):
+            scheduler.note_event("flood", users.add_events("flood", 5))
+            await asyncio.sleep(0.001)
+    order = llm_order()
+    last_quiet = max(order.index(f"quiet{i}") for i in range(10))
+    assert [uid for uid in order[: last_quiet + 1] if uid.startswith("quiet")] == [f"quiet{i}" for i in range(10)]
+    # served in due order: the flooding user is summarised once, then waits its turn behind them
+    assert order[: last_quiet + 1].count("flood") <= 2
+    assert scheduler.counts["coalesced"] > 10
+
+
+async def test_users_get_a_first_heuristic_profile_at_once_while_the_llm_is_saturated() -> None:
+    users, llm = Users(), ScriptedLLM()
+    llm.release = asyncio.Event()  # the LLM never answers during this test
+    scheduler = SummaryScheduler(options(max_concurrency=1, max_pending_users=2), users, llm)
+    async with scheduler.running_tasks():
+        for i in range(200):
+            scheduler.note_event(f"new{i}", users.add_events(f"new{i}"), has_profile=False)
+        await until(lambda: all(PROFILE_KEY in u.extras for u in users.users.values()), timeout=2)
+        assert llm.calls <= 1 and scheduler.stats()["pending"] <= 2
+        assert all(u.extras[PROFILE_KEY]["source"] == "heuristic" for u in users.users.values())
+        # a stop-gap profile does not count as a summary: the LLM still owes one at N events
+        assert users.unsummarised("new7") == 1
+        llm.release.set()
+
+
+async def test_a_user_with_few_events_is_summarised_after_the_time_window() -> None:
+    users, llm = Users(), ScriptedLLM()
+    scheduler = SummaryScheduler(options(refresh_after_events=10, refresh_after_s=0.1), users, llm)
+    async with scheduler.running_tasks():
+        scheduler.note_event("bea", users.add_events("bea"))
+        await asyncio.sleep(0.03)
+        assert not users.stored, "not due yet: 1 event of 10, 0.03 s of 0.1"
+        await until(lambda: any(p["source"] == "llm" for _, p in users.stored), timeout=3)
+
+
+async def test_retries_with_backoff_then_success_closes_nothing() -> None:
+    users = Users()
+    llm = ScriptedLLM(errors=[LLMUnavailable("refused"), LLMUnavailable("reset")])
+    scheduler = SummaryScheduler(options(max_retries=2, breaker_failures=5), users, llm, rng=random.Random(1))
+    users.add_events("cy", 2)
+    profile = await scheduler.summarise_user("cy")
+    assert profile is not None and profile["source"] == "llm" and llm.calls == 3
+    assert scheduler.breaker.state is BreakerState.CLOSED and scheduler.counts["llm_unavailable"] == 2
+
+
+async def test_timeout_and_bad_output_fall_back_to_the_heuristic_without_useless_retries() -> None:
+    users = Users()
+    users.add_events("dee", 3)
+    slow = SummaryScheduler(options(timeout_s=0.02, max_retries=1), users, ScriptedLLM(delay=1.0))
+    profile = await slow.summarise_user("dee")
+    assert profile is not None and profile["source"] == "heuristic"
+    assert slow.counts["llm_timeout"] == 2, "a timeout is retried"
+
+    for error in (LLMOutputError("truncated"), LLMRejected("HTTP 400")):
+        llm = ScriptedLLM(errors=[error])
+        scheduler = SummaryScheduler(options(max_retries=3), users, llm)
+        profile = await scheduler.summarise_user("dee")
+        assert profile is not None and profile["source"] == "heuristic"
+        assert llm.calls == 1, f"{type(error).__name__} is not retried"
+
+
+async def test_breaker_opens_serves_heuristics_then_recovers_after_a_trial() -> None:
+    now = [0.0]
+    users = Users()
+    llm = ScriptedLLM(errors=[LLMUnavailable("down")] * 3)
+    scheduler = SummaryScheduler(
+        options(max_retries=0, breaker_failures=3, breaker_reset_s=30.0), users, llm, clock=lambda: now[0]
+    )
+    for i in range(6):
+        users.add_events(f"e{i}", 2)
+        profile = await scheduler.summarise_user(f"e{i}")
+        assert profile is not None and profile["source"] == "heuristic"
+    assert llm.calls == 3, "after 3 failures the breaker stops calling the LLM"
+    assert scheduler.breaker.state is BreakerState.OPEN
+    now[0] = 31.0
+    profile = await scheduler.summarise_user("e0")
+    assert profile is not None and profile["source"] == "llm" and llm.calls == 4
+    assert scheduler.breaker.state is BreakerState.CLOSED
+
+
+def test_half_open_breaker_lets_exactly_one_trial_through() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=1, reset_s=10, clock=lambda: now[0])
+    breaker.failure()
+    assert not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow() and not breaker.allow()
+    breaker.failure()
+    assert breaker.state is BreakerState.OPEN and not breaker.allow()
+    now[0] = 20.0
+    assert breaker.allow()
+    breaker.abandon()
+    assert breaker.allow(), "a cancelled trial does not wedge the breaker"
+
+
+async def test_a_user_forgotten_while_summarised_gets_no_profile_back() -> None:
+    users, llm = Users(), ScriptedLLM()
+    llm.release = asyncio.Event()
+    scheduler = SummaryScheduler(options(), users, llm)
+    users.add_events("gus", 2)
+    users.users["gus"].extras[PROFILE_KEY] = {"based_on_events": 0}  # no interim heuristic
+    task = asyncio.create_task(scheduler.summarise_user("gus"))
+    await until(lambda: llm.calls == 1)
+    del users.users["gus"]
+    scheduler.forget("gus")
+    users.add_events("gus", 1)  # the same id comes back as a new user
+    llm.release.set()
+    await task
+    assert PROFILE_KEY not in users.users["gus"].extras and not users.stored
+
+
+async def test_tracking_is_capped() -> None:
+    users = Users()
+    scheduler = SummaryScheduler(options(max_tracked_users=3, refresh_after_events=100), users, None)
+    for i in range(10):
+        scheduler.note_event(f"t{i}", users.add_events(f"t{i}"))
+    assert scheduler.stats()["waiting"] == 3 and scheduler.counts["dropped"] == 7
+
+
+def test_heuristic_profile_from_categories_terms_and_skips() -> None:
+    entries = [
+        HistoryEntry("Star Wars (1977)", ("Sci-Fi", "Adventure"), "view"),
+        HistoryEntry("Notting Hill (1999)", ("Romance", "Comedy"), "skip"),
+        HistoryEntry("Star Trek (2009)", ("Sci-Fi",), "purchase"),
+        HistoryEntry("Love Actually (2003)", ("Romance",), "dislike"),
+        HistoryEntry("Alien (1979)", ("Horror", "Sci-Fi"), "like"),
+    ]
+    fields = heuristic_fields(entries)
+    assert set(fields) == {"interests", "avoid", "summary"}
+    assert fields["interests"][0] == "Sci-Fi" and "star" in fields["interests"]
+    assert fields["avoid"] == ["Romance", "Comedy"]
+    assert "Sci-Fi" in fields["summary"] and "skip" in fields["summary"]
+    assert heuristic_fields([HistoryEntry("Heat (1995)", (), "view")])["summary"].startswith("Recently engaged with Heat")
+    assert "Sci-Fi" in profile_text({"summary": "Likes films", "interests": ["Sci-Fi"]})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"dialect": "vllm"}, "option 'dialect' must be one of openai_json_schema, json_object_schema"),
+        ({"base_url": "localhost:8000"}, "option 'base_url' must be empty or start with http"),
+        ({"base_url": "http://x/v1"}, "option 'model' is required"),
+        ({"timeout_s": 0}, "option 'timeout_s' must be positive"),
+        ({"max_concurrency": "2"}, "option 'max_concurrency' must be an integer"),
+        ({"send_categories": "yes"}, "option 'send_categories' must be true or false"),
+        ({"refresh_after_event": 3}, "has no option 'refresh_after_event'"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SummaryOptions.parse(raw)
+
+
+def test_api_key_comes_from_the_named_environment_variable() -> None:
+    opts = SummaryOptions.parse({"api_key_env": "LLM_KEY"})
+    assert opts.api_key({"LLM_KEY": "s3cret"}) == "s3cret"
+    with pytest.raises(ConfigError, match="names LLM_KEY, which is not set"):
+        opts.api_key({})
+
+
+# ---- the plugin in a pipeline (no LLM configured: the heuristic summariser)
+
+
+async def pipeline_with_summariser(**plugin_options: Any) -> Pipeline:
+    # Content retrieval (embeddings) is left out: these tests are about the summariser alone.
+    settings = load_settings(env={}, overrides={"load_entry_points": False, "disabled_plugins": "content"})
+    settings.plugins = {"summariser": {"refresh_after_events": 2, "refresh_after_s": 60.0, **plugin_options}}
+    return Pipeline(settings, get_plugin_manager(settings))
+
+
+async def add_films(pipeline: Pipeline) -> None:
+    genres = ["Sci-Fi", "Drama", "Comedy"]
+    await pipeline.upsert_items([Item(id=f"m{i}", title=f"Film {i}", categories=(genres[i % 3],)) for i in range(30)])
+
+
+async def test_profile_reaches_recommendations_and_explains_items() -> None:
+    pipeline = await pipeline_with_summariser()
+    plugin = pipeline.pm.get_plugin("summariser")
+    async with pipeline.running():
+        await add_films(pipeline)
+        now = plugin.clock()
+        for i in range(30):  # other users make every film popular, so there are candidates
+            await pipeline.apply_event(Event(type="view", user_id=f"crowd{i % 4}", ts=now, id=f"c{i}", item_id=f"m{i}"))
+        for i, item in enumerate(["m0", "m3", "m6"]):
+            await pipeline.apply_event(Event(type="view", user_id="ivy", ts=now, id=f"v{i}", item_id=item))
+        await until(lambda: pipeline.users.get("ivy").extras.get(PROFILE_KEY) is not None)  # type: ignore[union-attr]
+        recs = await pipeline.recommend("ivy", 10)
+    assert recs.profile is not None and recs.profile["source"] == "heuristic"
+    assert recs.profile["interests"][0] == "Sci-Fi" and recs.profile["based_on_events"] >= 2
+    assert set(recs.profile) == {"interests", "avoid", "summary", "source", "generated_at", "based_on_events"}
+    sci_fi = [item for item in recs.items if int(item.item_id[1:]) % 3 == 0]
+    assert sci_fi and all("matches your interest in Sci-Fi" in item.reasons for item in sci_fi)
+
+
+async def test_old_events_from_the_rebuild_wake_no_summary_and_apply_returns_at_once() -> None:
+    pipeline = await pipeline_with_summariser(max_event_age_s=600.0)
+    plugin = pipeline.pm.get_plugin("summariser")
+    async with pipeline.running():
+        await add_films(pipeline)
+        old = plugin.clock() - 3_600
+        for i in range(10):
+            await pipeline.apply_event(Event(type="view", user_id="old", ts=old + i, id=f"o{i}", item_id=f"m{i}"))
+        assert plugin.scheduler.stats()["pending"] == 0 and plugin.scheduler.stats()["urgent"] == 0
+        await asyncio.sleep(0.05)
+        assert PROFILE_KEY not in pipeline.users.get("old").extras  # type: ignore[union-attr]
+        # the first live event catches up on all of them
+        await pipeline.apply_event(Event(type="view", user_id="old", ts=plugin.clock(), id="live", item_id="m20"))
+        await until(lambda: PROFILE_KEY in pipeline.users.get("old").extras)  # type: ignore[union-attr]
+    assert pipeline.users.get("old").extras[PROFILE_KEY]["based_on_events"] == 11  # type: ignore[union-attr,index]
+
+
+async def test_forgetting_a_user_drops_the_profile() -> None:
+    pipeline = await pipeline_with_summariser()
+    plugin = pipeline.pm.get_plugin("summariser")
+    async with pipeline.running():
+        await add_films(pipeline)
+        for i in range(2):
+            await pipeline.apply_event(Event(type="view", user_id="joe", ts=plugin.clock(), id=f"j{i}", item_id=f"m{i}"))
+        await until(lambda: PROFILE_KEY in pipeline.users.get("joe").extras)  # type: ignore[union-attr]
+        await pipeline.forget_user("joe")
+        recs = await pipeline.recommend("joe")
+    assert recs.profile is None
+
+
+async def test_bad_plugin_options_stop_the_start_with_the_option_named() -> None:
+    pipeline = await pipeline_with_summariser(max_retries=-1)
+    with pytest.raises(ConfigError, match=r"\[plugins.summariser\] option 'max_retries'"):
+        async with pipeline.running():
+            pass
