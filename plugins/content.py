@@ -252,7 +252,12 @@ class ContentRetrieval:
             norm = float(np.linalg.norm(vector))
             if source in self.enabled_sources and norm > 1e-6:
                 queries.append((source, (vector / norm).astype(np.float32)))
-        text = profile_text(user.extras.get("profile"))  # type: ignore[arg-type]
+        profile_dict = user.extras.get("profile")
+        # Only an LLM's profile adds something: a heuristic one is built from the same history
+        # that the taste vectors already embed, and re-embedding it after every event would
+        # cost more CPU than everything else on the hot path.
+        from_llm = isinstance(profile_dict, dict) and profile_dict.get("source") == "llm"
+        text = profile_text(profile_dict) if from_llm else ""  # type: ignore[arg-type]
         if "profile" in self.enabled_sources and text:
             profile = self._profiles.setdefault(user.user_id, ProfileVector())
             if text != profile.text:
@@ -265,7 +270,9 @@ class ContentRetrieval:
         # Embedding a text costs milliseconds of CPU: never on the hot path. Until it is done
         # the previous profile vector (if any) keeps serving.
         embedder = self.embedder
-        if embedder is None or any(t.get_name() == f"profile:{user_id}" for t in self._tasks):
+        # One profile embedding at a time, whoever asks: a user skipped now is served at a
+        # later push, and the CPU the hot path needs is never taken by a queue of these.
+        if embedder is None or any(t.get_name().startswith("profile:") for t in self._tasks):
             return
 
         async def embed() -> None:
