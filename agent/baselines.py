@@ -56,6 +56,11 @@ def rank_of(scores: np.ndarray, target: int, excluded: np.ndarray, k: int | None
 
 class Baseline(ABC):
     name: str
+    # True when scores() is the same for every user and no score ever decreases while
+    # ``scale_generation`` stays the same: a stale list of the top scores then still proves
+    # a miss (see BaselineEvaluator).
+    shared_monotone: bool = False
+    scale_generation: int = 0
 
     def __init__(self, n_items: int) -> None:
         self.n_items = n_items
@@ -73,6 +78,7 @@ class Popularity(Baseline):
     """Number of interactions each item had so far."""
 
     name = "popularity"
+    shared_monotone = True
 
     def __init__(self, n_items: int) -> None:
         super().__init__(n_items)
@@ -95,6 +101,7 @@ class DecayedPopularity(Baseline):
     """
 
     name = "decayed_popularity"
+    shared_monotone = True
 
     def __init__(self, n_items: int, half_life_s: float = 7 * DAY_S) -> None:
         super().__init__(n_items)
@@ -114,6 +121,7 @@ class DecayedPopularity(Baseline):
         if exponent > 50.0:
             self.weights *= math.exp(-exponent)
             self.reference_ts = ts
+            self.scale_generation += 1
             exponent = 0.0
         self.weights[item] += math.exp(exponent)
 
@@ -249,7 +257,16 @@ class BaselineResults:
 
 
 class BaselineEvaluator:
-    """Feeds the stream to every baseline, event by event, and records the true item's rank."""
+    """Feeds the stream to every baseline, event by event, and records the true item's rank.
+
+    For a shared, monotone baseline (popularity) most misses are settled without a pass over
+    the catalog: it keeps the top scores as they were at most ``TOP_REFRESH`` events ago. If
+    the true item scores below the (k + seen)-th of those, at least k + seen items are still
+    strictly ahead of it (scores only grew since), so at least k unseen ones are: a miss.
+    """
+
+    TOP_REFRESH = 256
+    TOP_SIZE = 1_024
 
     def __init__(self, config: BaselineConfig, stream: StreamArrays) -> None:
         self.config = config
@@ -262,6 +279,10 @@ class BaselineEvaluator:
         self.history: dict[int, set[int]] = {}
         self.position = 0
         self.busy_s = 0.0
+        self.shortcut_misses = 0
+        # name -> (scale generation, top scores in descending order)
+        self._tops: dict[str, tuple[int, np.ndarray]] = {}
+        self._observed = 0
         # Plain Python lists: indexing a numpy array per event costs more than the lookup.
         self._users = stream.users.tolist()
         self._items = stream.items.tolist()
@@ -283,16 +304,35 @@ class BaselineEvaluator:
                 if item < n_items and history is not None:
                     seen = np.fromiter((n for n in history if n < n_items), dtype=np.int64)
                     for baseline in self.baselines:
-                        rank = rank_of(baseline.scores(user, ts), item, seen, k)
+                        scores = baseline.scores(user, ts)
+                        if baseline.shared_monotone and self._surely_missed(baseline, scores, scores[item], k + len(seen)):
+                            self.shortcut_misses += 1
+                            continue
+                        rank = rank_of(scores, item, seen, k)
                         self.ranks[baseline.name][self.evaluated] = rank if rank <= k else 0
                 self.evaluated += 1
             if item < n_items and not self._negative[i]:
                 for baseline in self.baselines:
                     baseline.observe(user, item, ts)
+                self._observed += 1
+                if self._observed % self.TOP_REFRESH == 0:
+                    self._tops.clear()
             if history is None:
                 history = self.history[user] = set()
             history.add(item)
         self.busy_s += time.perf_counter() - started
+
+    def _surely_missed(self, baseline: Baseline, scores: np.ndarray, value: float, ahead_needed: int) -> bool:
+        """Whether at least ``ahead_needed`` items are known to score strictly above ``value``."""
+        if ahead_needed > self.TOP_SIZE or ahead_needed > len(scores):
+            return False
+        top = self._tops.get(baseline.name)
+        if top is None or top[0] != baseline.scale_generation:
+            size = min(self.TOP_SIZE, len(scores))
+            best = np.partition(scores, len(scores) - size)[len(scores) - size :]
+            top = (baseline.scale_generation, np.sort(best)[::-1])
+            self._tops[baseline.name] = top
+        return bool(value < top[1][ahead_needed - 1])
 
     def results(self) -> BaselineResults:
         return BaselineResults({name: ranks[: self.evaluated] for name, ranks in self.ranks.items()}, self.busy_s)

@@ -13,6 +13,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_RUNNING: set[threading.Thread] = set()
+
+
+def join_running(timeout_s: float) -> None:
+    """Wait (bounded) for daemon threads still at work: native code such as torch aborts the
+    process when the interpreter exits under it."""
+    for thread in list(_RUNNING):
+        thread.join(timeout_s)
 
 
 async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
@@ -31,6 +39,10 @@ async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
             loop.call_soon_threadsafe(deliver, lambda: future.set_exception(error))
         else:
             loop.call_soon_threadsafe(deliver, lambda: future.set_result(result))
+        finally:
+            _RUNNING.discard(threading.current_thread())
 
-    threading.Thread(target=run, name=getattr(function, "__name__", "worker"), daemon=True).start()
+    thread = threading.Thread(target=run, name=getattr(function, "__name__", "worker"), daemon=True)
+    _RUNNING.add(thread)
+    thread.start()
     return await future

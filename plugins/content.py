@@ -35,7 +35,7 @@ from agent.metrics import Metrics
 from agent.models import Event, Item
 from agent.ranking import Candidates, Query
 from agent.signals import event_signal
-from agent.threads import in_daemon_thread
+from agent.threads import in_daemon_thread, join_running
 from agent.state import UserState
 from agent.vector_store import VectorStore
 
@@ -46,6 +46,7 @@ SHORT_DECAY = 0.5
 LONG_DECAY = 0.9
 RECENT_POSITIVES = 8
 EMBED_CHUNK = 256
+THREAD_JOIN_S = 2.0
 PROGRESS_FROM = 1_000
 VERBS = {"view": "viewed", "click": "opened", "like": "liked", "add_to_cart": "added to your cart",
          "purchase": "bought", "rate": "rated"}
@@ -120,6 +121,8 @@ class ContentRetrieval:
                 with suppress(asyncio.CancelledError):
                     await task
             limiter.restore_original_limits()
+            # an embedding in flight finishes (bounded) before the process may exit under it
+            await asyncio.to_thread(join_running, THREAD_JOIN_S)
             ctx.extras.pop("item_vectors", None)
             if self.store is not None:
                 await asyncio.to_thread(self.store.close)

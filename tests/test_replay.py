@@ -298,3 +298,46 @@ def test_profile_charges_library_time_to_the_project_function_that_called_it() -
         "plugins/fusion.py": pytest.approx(1.0 + 0.75 * (1.0 + 3.0)),
         "plugins/rerankers.py": pytest.approx(0.5 + 0.25 * (1.0 + 3.0)),
     }
+
+
+def test_the_shortcut_for_popularity_misses_changes_no_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.baselines import APPLIED, EVALUATED, BaselineConfig, BaselineEvaluator, StreamArrays
+
+    rng = np.random.default_rng(7)
+    n_events, n_items = 4_000, 300
+    stream = StreamArrays(
+        users=rng.integers(0, 150, n_events),
+        # skewed, so that popular items are often hits and the tail often misses
+        items=np.minimum(rng.zipf(1.3, n_events) - 1, n_items - 1),
+        # ten days with a one-hour half-life: the decayed weights are rescaled several times
+        ts=np.sort(rng.uniform(0, 10 * DAY_S, n_events)),
+        negative=rng.random(n_events) < 0.05,
+    )
+    seen: dict[int, set[int]] = {}
+    verdicts = bytearray()
+    for user, item in zip(stream.users.tolist(), stream.items.tolist()):
+        verdicts.append(EVALUATED if user in seen and item not in seen[user] else APPLIED)
+        seen.setdefault(user, set()).add(item)
+    config = BaselineConfig(names=("popularity", "decayed_popularity"), n_items=n_items, k=10, half_life_s=3600.0)
+
+    def ranks(top_size: int) -> tuple[dict[str, list[int]], int]:
+        monkeypatch.setattr(BaselineEvaluator, "TOP_SIZE", top_size)
+        monkeypatch.setattr(BaselineEvaluator, "TOP_REFRESH", 64)
+        evaluator = BaselineEvaluator(config, stream)
+        evaluator.feed(bytes(verdicts))
+        return {name: r.tolist() for name, r in evaluator.results().ranks.items()}, evaluator.shortcut_misses
+
+    exact, unused = ranks(top_size=0)
+    shortcut, used = ranks(top_size=64)
+    assert unused == 0 and used > 1_000
+    assert shortcut == exact
+    assert evaluator_rescaled(config, stream)
+
+
+def evaluator_rescaled(config: Any, stream: Any) -> bool:
+    from agent.baselines import DecayedPopularity
+
+    decayed = DecayedPopularity(config.n_items, config.half_life_s)
+    for item, ts in zip(stream.items.tolist(), stream.ts.tolist()):
+        decayed.observe(0, item, ts)
+    return decayed.scale_generation > 1
