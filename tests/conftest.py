@@ -128,3 +128,19 @@ def catalog(n: int, categories: tuple[str, ...] = ("drama", "comedy", "horror"))
         {"id": f"item-{i}", "title": f"Item {i}", "categories": [categories[i % len(categories)]]}
         for i in range(n)
     ]
+
+
+@pytest.fixture
+def embed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes of every call to the real embedding model during the test."""
+    from agent.embeddings import Embedder
+
+    calls: list[int] = []
+    original = Embedder.encode
+
+    def counting(self: Embedder, texts: list[str], show_progress: bool = False) -> Any:
+        calls.append(len(texts))
+        return original(self, texts, show_progress)
+
+    monkeypatch.setattr(Embedder, "encode", counting)
+    return calls

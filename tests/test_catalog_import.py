@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pytest
 
 from agent.app import Agent
 from agent.catalog_import import ImportError_, embed_items, publish_items, read_items
 from agent.config import Settings
-from agent.embeddings import Embedder
 from agent.vector_store import VectorStore
 
 
@@ -20,7 +18,7 @@ def write_items(path: Path, count: int) -> None:
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
-async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(settings: Settings, tmp_path: Path, embed_calls: list[int]) -> None:
     items_file = tmp_path / "items.jsonl"
     write_items(items_file, 40)
     items = read_items(items_file)
@@ -30,19 +28,12 @@ async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(settin
     assert store.count() == 40
     store.close()
 
-    calls: list[int] = []
-    original = Embedder.encode
-
-    def counting(self: Embedder, texts: list[str], show_progress: bool = False) -> np.ndarray:
-        calls.append(len(texts))
-        return original(self, texts, show_progress)
-
-    monkeypatch.setattr(Embedder, "encode", counting)
+    embed_calls.clear()
     async with Agent(settings) as agent:
         await agent.pipeline.settle()
         assert agent.pipeline.catalog.active_count() == 40
         assert agent.pipeline.context.extras["item_vectors"].count == 40
-    assert calls == []
+    assert embed_calls == []
 
 
 def test_bad_line_names_file_and_line(tmp_path: Path) -> None:

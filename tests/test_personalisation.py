@@ -12,7 +12,6 @@ import pytest
 
 from agent.app import Agent
 from agent.config import Settings, load_settings
-from agent.embeddings import Embedder
 from agent.hookspecs import hookimpl
 from agent.item_vectors import ItemVectors
 from agent.models import Event, Item
@@ -90,15 +89,8 @@ async def test_content_source_follows_the_users_taste_with_reasons(tmp_path: Pat
         assert isinstance(taste, Taste) and len(taste.positives) == 2, "a dislike is not a reason to recommend"
 
 
-async def test_unchanged_items_are_not_embedded_again_even_after_a_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    original = Embedder.encode
-
-    def counting(self: Embedder, texts: list[str], show_progress: bool = False) -> np.ndarray:
-        calls.append(len(texts))
-        return original(self, texts, show_progress)
-
-    monkeypatch.setattr(Embedder, "encode", counting)
+async def test_unchanged_items_are_not_embedded_again_even_after_a_restart(tmp_path: Path, embed_calls: list[int]) -> None:
+    calls = embed_calls
     async with pipeline_on(tmp_path) as pipeline:
         assert sum(calls) == len(FILMS)
         await pipeline.upsert_items(FILMS[:3])
