@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 PUBLISH_BATCH = 256
 
 
-class ImportError_(ValueError):
-    pass
+class CatalogImportError(ValueError):
+    """An items file or a store that the import cannot use; the text says which and why."""
 
 
 def read_items(path: Path) -> list[Item]:
@@ -46,9 +46,9 @@ def read_items(path: Path) -> list[Item]:
             try:
                 items.append(parse_item(orjson.loads(line)))
             except orjson.JSONDecodeError as exc:
-                raise ImportError_(f"{path}:{number}: invalid JSON: {exc}") from None
+                raise CatalogImportError(f"{path}:{number}: invalid JSON: {exc}") from None
             except InvalidMessage as exc:
-                raise ImportError_(f"{path}:{number}: {exc}") from None
+                raise CatalogImportError(f"{path}:{number}: {exc}") from None
     return items
 
 
@@ -62,7 +62,7 @@ async def embed_items(settings: Settings, items: list[Item]) -> float:
         content = pipeline.pm.get_plugin("content")
         failure = getattr(content, "failure", None)
         if failure is not None:
-            raise ImportError_(f"content retrieval could not start: {failure}")
+            raise CatalogImportError(f"content retrieval could not start: {failure}")
     return time.perf_counter() - started
 
 
@@ -101,7 +101,7 @@ def run_command(args: argparse.Namespace) -> int:
         seconds = asyncio.run(embed_items(settings, items))
         print(f"embedded {len(items)} items in {seconds:.1f} s into Qdrant ({settings.qdrant_url or settings.data_dir / 'qdrant'})")
         asyncio.run(publish_items(settings, items))
-    except (ImportError_, OSError) as exc:
+    except (CatalogImportError, OSError) as exc:
         message = str(exc)
         if "already accessed by another instance" in message:
             message = "the data dir's Qdrant is in use by a running agent: stop it, or run both against --qdrant-url"

@@ -154,11 +154,11 @@ class Pipeline:
         if user is None:
             # Unknown users are not stored by a read: a query must not grow memory.
             user = UserState(user_id=user_id, recent=deque(maxlen=self.settings.history_length))
-        excluded = set(user.seen)
-        for item_id in exclude:
-            slot = self.catalog.slot(item_id)
-            if slot is not None:
-                excluded.add(slot)
+        # The user's own set serves as is; a copy only when the request excludes more.
+        excluded = user.seen
+        extra = {slot for slot in map(self.catalog.slot, exclude) if slot is not None}
+        if extra:
+            excluded = excluded | extra
         return Query(
             user=user,
             k=k,

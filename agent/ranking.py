@@ -24,7 +24,8 @@ class Query:
     catalog: Catalog
     # how many candidates each source should return; several times k so rerankers have room
     n_candidates: int
-    # item slots that must not be recommended (seen by the user, excluded by the request)
+    # item slots that must not be recommended (seen by the user, excluded by the request);
+    # may be the user's own set: read it, never modify it
     exclude: set[int] = field(default_factory=set)
     categories: tuple[str, ...] = ()
     # the event that triggered this request, None for a pull (request/reply, HTTP)

@@ -107,8 +107,7 @@ class ItemToItem:
             if distance <= TRANSITION_STEPS:
                 self.after.add(other, slot, 1.0 / distance)
 
-    def _score(self, query: Query, neighbours: Neighbours, source: str, template: str) -> Candidates | None:
-        recent = self._recent_positive(query.user, QUERY_ITEMS, skip_last=False)
+    def _score(self, query: Query, recent: list[int], neighbours: Neighbours, source: str, template: str) -> Candidates | None:
         parts_slots, parts_values, parts_anchor = [], [], []
         size = query.catalog.size
         self.counts = grow(self.counts, size)
@@ -155,9 +154,12 @@ class ItemToItem:
 
     @hookimpl
     def recsys_candidates(self, query: Query) -> list[Candidates]:
+        recent = self._recent_positive(query.user, QUERY_ITEMS, skip_last=False)
+        if not recent:
+            return []
         found = [
-            self._score(query, self.co, "co_occurrence", "often enjoyed together with {}"),
-            self._score(query, self.after, "transitions", "often chosen after {}"),
+            self._score(query, recent, self.co, "co_occurrence", "often enjoyed together with {}"),
+            self._score(query, recent, self.after, "transitions", "often chosen after {}"),
         ]
         return [c for c in found if c is not None]
 

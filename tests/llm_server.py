@@ -84,7 +84,7 @@ def llama_server(log_dir: Path, *, n_ctx: int = 2048, threads: int = 1, ready_ti
                     if response.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+                pass  # not listening yet: poll again until the deadline
             if time.monotonic() > deadline:
                 raise RuntimeError(f"llama_cpp.server not ready after {ready_timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)

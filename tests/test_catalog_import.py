@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from agent.app import Agent
-from agent.catalog_import import ImportError_, embed_items, publish_items, read_items
+from agent.catalog_import import CatalogImportError, embed_items, publish_items, read_items
 from agent.config import Settings
 from agent.vector_store import VectorStore
 
@@ -39,5 +39,5 @@ async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(settin
 def test_bad_line_names_file_and_line(tmp_path: Path) -> None:
     items_file = tmp_path / "items.jsonl"
     items_file.write_text('{"id": "a", "title": "A"}\n{"id": "b"}\n')
-    with pytest.raises(ImportError_, match=r"items.jsonl:2: missing field 'title'"):
+    with pytest.raises(CatalogImportError, match=r"items.jsonl:2: missing field 'title'"):
         read_items(items_file)

@@ -386,4 +386,4 @@ async def test_bad_plugin_options_stop_the_start_with_the_option_named() -> None
     pipeline = await pipeline_with_summariser(max_retries=-1)
     with pytest.raises(ConfigError, match=r"\[plugins.summariser\] option 'max_retries'"):
         async with pipeline.running():
-            pass
+            pass  # entering is the test: the bad option must stop the start

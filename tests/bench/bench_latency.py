@@ -1,6 +1,6 @@
 """Benchmark: event -> push latency over real NATS, ingest rate and memory per user.
 
-    python tests/bench/bench_latency.py --items out/items.jsonl --events out/events.jsonl
+    python -m tests.bench.bench_latency --items out/items.jsonl --events out/events.jsonl
 
 Runs the agent as its own process on its embedded defaults (a data dir of its own), with the
 catalog embedded beforehand by ``recsys-agent catalog import`` (cached in the data dir across
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -26,36 +25,13 @@ import aiohttp
 import nats
 import orjson
 
-LISTENING = re.compile(r"listening: NATS (\S+)\s+HTTP (\S+)")
-
+from tests.test_cli import start_agent
 
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-async def start_agent(data_dir: Path) -> tuple[asyncio.subprocess.Process, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "run", "--data-dir", str(data_dir), "--nats-port", "0", "--http-port", "0",
-        "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    while True:
-        line = (await process.stdout.readline()).decode()
-        if not line:
-            raise SystemExit("agent did not start")
-        match = LISTENING.search(line)
-        if match:
-            break
-
-    async def drain() -> None:
-        async for _ in process.stdout:  # type: ignore[union-attr]
-            pass
-
-    asyncio.get_running_loop().create_task(drain())
-    return process, match.group(1), match.group(2)
 
 
 async def health(http: aiohttp.ClientSession, url: str) -> dict:
@@ -82,7 +58,9 @@ async def main(args: argparse.Namespace) -> None:
         marker.touch()
     events = [orjson.loads(line) for line in open(args.events, encoding="utf-8")]
 
-    process, nats_url, http_url = await start_agent(data_dir)
+    process, nats_url, http_url = await start_agent(
+        "--data-dir", str(data_dir), "--nats-port", "0", "--http-port", "0", "--log-level", "WARNING"
+    )
     try:
         async with aiohttp.ClientSession() as http:
             started = time.perf_counter()
