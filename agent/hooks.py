@@ -26,6 +26,13 @@ class HookRunner:
         self.metrics = metrics
         self.timeout_s = timeout_s
         self._impls: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {}
+        # (hook, plugin) -> [calls, seconds]; None unless a benchmark asks (see time_stages)
+        self.stage_times: dict[tuple[str, str], list[float]] | None = None
+
+    def time_stages(self) -> dict[tuple[str, str], list[float]]:
+        """Start accumulating calls and seconds per (hook, plugin); returns the live table."""
+        self.stage_times = {}
+        return self.stage_times
 
     def refresh(self) -> None:
         """Forget the cached implementation lists; call after registering or removing plugins."""
@@ -47,7 +54,7 @@ class HookRunner:
     def plugin_names(self, hook_name: str) -> list[str]:
         return [name for name, _, _ in self._implementations(hook_name)]
 
-    async def _call_one(
+    def _call_one(
         self,
         hook_name: str,
         plugin: str,
@@ -56,14 +63,28 @@ class HookRunner:
         kwargs: dict[str, Any],
         timeout_s: float | None = None,
     ) -> tuple[bool, Any]:
-        """Run one implementation; returns (ok, result). Never raises except on cancellation."""
-        budget = timeout_s or self.timeout_s
+        """Run one implementation; returns (ok, result), where a result may still be awaitable
+        (see :meth:`_settle`). Never raises. Kept synchronous: most hooks answer at once, and a
+        coroutine per call would cost more than many of them do."""
         start = time.perf_counter()
         try:
             result = function(*[kwargs[name] for name in argnames])
-            if inspect.isawaitable(result):
-                async with asyncio.timeout(budget):
-                    result = await result
+        except Exception:
+            self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="error").inc()
+            log.exception("plugin %s failed in %s", plugin, hook_name)
+            return False, None
+        if inspect.isawaitable(result):
+            return True, result
+        self._finished(hook_name, plugin, start, timeout_s)
+        return True, result
+
+    async def _settle(self, hook_name: str, plugin: str, awaitable: Any, timeout_s: float | None) -> tuple[bool, Any]:
+        """Await an implementation's awaitable under its budget; never raises except on cancellation."""
+        budget = timeout_s or self.timeout_s
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                result = await awaitable
         except TimeoutError:
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="timeout").inc()
             log.warning("plugin %s timed out in %s after %.0f ms", plugin, hook_name, budget * 1000)
@@ -72,13 +93,21 @@ class HookRunner:
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="error").inc()
             log.exception("plugin %s failed in %s", plugin, hook_name)
             return False, None
+        self._finished(hook_name, plugin, start, timeout_s)
+        return True, result
+
+    def _finished(self, hook_name: str, plugin: str, start: float, timeout_s: float | None) -> None:
         elapsed = time.perf_counter() - start
+        if self.stage_times is not None:
+            entry = self.stage_times.setdefault((hook_name, plugin), [0, 0.0])
+            entry[0] += 1
+            entry[1] += elapsed
+        budget = timeout_s or self.timeout_s
         if elapsed > budget:
             # A synchronous implementation cannot be interrupted; it is reported so that the
             # operator can move it off the hot path or make it asynchronous.
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="slow").inc()
             log.warning("plugin %s took %.0f ms in %s (budget %.0f ms)", plugin, elapsed * 1000, hook_name, budget * 1000)
-        return True, result
 
     def _each(self, hook_name: str) -> Iterator[tuple[str, Any, tuple[str, ...]]]:
         return iter(self._implementations(hook_name))
@@ -87,7 +116,9 @@ class HookRunner:
         """Every implementation's non-None answer, as (plugin name, result), in call order."""
         results = []
         for plugin, function, argnames in self._each(hook_name):
-            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs, timeout_s)
+            ok, result = self._call_one(hook_name, plugin, function, argnames, kwargs, timeout_s)
+            if ok and inspect.isawaitable(result):
+                ok, result = await self._settle(hook_name, plugin, result, timeout_s)
             if ok and result is not None:
                 results.append((plugin, result))
         return results
@@ -95,7 +126,9 @@ class HookRunner:
     async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
         """The first non-None answer in call order, or None."""
         for plugin, function, argnames in self._each(hook_name):
-            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs)
+            ok, result = self._call_one(hook_name, plugin, function, argnames, kwargs)
+            if ok and inspect.isawaitable(result):
+                ok, result = await self._settle(hook_name, plugin, result, None)
             if ok and result is not None:
                 return result
         return None
@@ -103,7 +136,9 @@ class HookRunner:
     async def call_chain(self, hook_name: str, chained: str, **kwargs: Any) -> Any:
         """Thread ``kwargs[chained]`` through every implementation; None keeps the value."""
         for plugin, function, argnames in self._each(hook_name):
-            ok, result = await self._call_one(hook_name, plugin, function, argnames, kwargs)
+            ok, result = self._call_one(hook_name, plugin, function, argnames, kwargs)
+            if ok and inspect.isawaitable(result):
+                ok, result = await self._settle(hook_name, plugin, result, None)
             if ok and result is not None:
                 kwargs[chained] = result
         return kwargs[chained]

@@ -23,6 +23,13 @@ FIT_SAMPLE = 8_192
 
 
 class ItemVectors:
+    """Vectors by slot, with a projection for fast approximate scans.
+
+    Thread rule: every method runs on the event loop's thread except :meth:`fit_projection`,
+    which only reads and may run in a worker thread; :meth:`install_projection` then adopts its
+    result on the loop's thread, redoing the rows that changed meanwhile.
+    """
+
     def __init__(self, dim: int, reduced_dims: int = REDUCED_DIMS) -> None:
         self.dim = dim
         self.reduced_dims = reduced_dims if reduced_dims < dim else 0
@@ -31,6 +38,8 @@ class ItemVectors:
         self._basis: np.ndarray | None = None
         self._reduced = np.zeros((1024, max(self.reduced_dims, 1)), dtype=np.float32)
         self._fitted_on = 0
+        # slots set or removed since the current fit started (their reduced rows are redone)
+        self._changed: list[int] = []
         self.count = 0
         self.hashes: dict[int, str] = {}
 
@@ -50,6 +59,7 @@ class ItemVectors:
             self.hashes[slot] = content_hash
         if self._basis is not None:
             self._reduced[slots] = vectors @ self._basis
+        self._changed.extend(slots)
 
     def remove(self, slot: int) -> None:
         if self.has(slot):
@@ -57,6 +67,7 @@ class ItemVectors:
             self._matrix[slot] = 0.0
             self._reduced[slot] = 0.0
             self.count -= 1
+            self._changed.append(slot)
         self.hashes.pop(slot, None)
 
     def has(self, slot: int) -> bool:
@@ -72,39 +83,64 @@ class ItemVectors:
         self._ensure(size)
         return self._present[:size]
 
-    def _refit_if_grown(self) -> None:
+    def needs_projection(self) -> bool:
+        """Whether the catalog is big enough for a projection and has grown since the last fit."""
         if not self.reduced_dims or self.count < 4 * self.reduced_dims:
-            return
-        if self._basis is not None and self.count < self._fitted_on * REFIT_GROWTH:
-            return
-        present = np.flatnonzero(self._present)
+            return False
+        return self._basis is None or self.count >= self._fitted_on * REFIT_GROWTH
+
+    def fit_projection(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Compute (basis, reduced rows, count); reads only, so it may run in a worker thread.
+        Call :meth:`start_fit` on the loop's thread first."""
+        matrix, present = self._matrix, self._present
+        slots = np.flatnonzero(present)
         rng = np.random.default_rng(0)
-        sample = present if len(present) <= FIT_SAMPLE else rng.choice(present, FIT_SAMPLE, replace=False)
+        sample = slots if len(slots) <= FIT_SAMPLE else rng.choice(slots, FIT_SAMPLE, replace=False)
         # Uncentred SVD: the top right-singular vectors preserve dot products best.
-        _, _, vt = np.linalg.svd(self._matrix[sample], full_matrices=False)
-        self._basis = np.ascontiguousarray(vt[: self.reduced_dims].T, dtype=np.float32)
-        self._reduced = np.zeros((len(self._matrix), self.reduced_dims), dtype=np.float32)
-        self._reduced[present] = self._matrix[present] @ self._basis
-        self._fitted_on = self.count
+        _, _, vt = np.linalg.svd(matrix[sample], full_matrices=False)
+        basis = np.ascontiguousarray(vt[: self.reduced_dims].T, dtype=np.float32)
+        reduced = np.zeros((len(matrix), self.reduced_dims), dtype=np.float32)
+        reduced[slots] = matrix[slots] @ basis
+        return basis, reduced, len(slots)
+
+    def refit(self) -> None:
+        """Fit and install a projection now, on the calling thread."""
+        self.start_fit()
+        self.install_projection(self.fit_projection())
+
+    def start_fit(self) -> None:
+        self._changed = []
+
+    def install_projection(self, fitted: tuple[np.ndarray, np.ndarray, int]) -> None:
+        basis, reduced, count = fitted
+        reduced = grow(reduced, len(self._matrix))
+        if self._changed:
+            changed = np.unique(np.array(self._changed, dtype=np.int64))
+            reduced[changed] = self._matrix[changed] @ basis
+        self._basis, self._reduced, self._fitted_on = basis, reduced, count
+        self._changed = []
 
     def search(self, query: np.ndarray, n: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` best slots by cosine (vectors are normalised) among ``allowed``, best first."""
         return self.search_many([query], n, allowed)[0]
 
     def search_many(self, queries: list[np.ndarray], n: int, allowed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """:meth:`search` for several queries in one pass over the vectors."""
+        """:meth:`search` for several queries: a scan of the projection each, exact rescoring
+        of the shortlist (an exact scan until a projection is fitted)."""
         size = len(allowed)
         self._ensure(size)
-        self._refit_if_grown()
         allowed = allowed & self._present[:size]
-        stacked = np.stack(queries, axis=1).astype(np.float32)
-        if self._basis is None:
-            scores = self._matrix[:size] @ stacked
-            return [top_slots(scores[:, j], n, allowed) for j in range(len(queries))]
-        approx = self._reduced[:size] @ (self._basis.T @ stacked)
+        basis = self._basis
         out = []
-        for j, query in enumerate(queries):
-            shortlist, _ = top_slots(approx[:, j], n * RESCORE_FACTOR, allowed)
+        for query in queries:
+            query = np.asarray(query, dtype=np.float32)
+            if basis is None:
+                out.append(top_slots(self._matrix[:size] @ query, n, allowed))
+                continue
+            # one matrix-vector product per query: on a contiguous matrix it beats a product
+            # with a two-column matrix, which BLAS does not stream as well
+            approx = self._reduced[:size] @ (query @ basis)
+            shortlist, _ = top_slots(approx, n * RESCORE_FACTOR, allowed)
             if len(shortlist) == 0:
                 out.append((shortlist, np.empty(0)))
                 continue

@@ -38,6 +38,10 @@ class ApplyOutcome(Enum):
     DUPLICATE = "duplicate"
 
 
+# A person reads two reasons at most; the weaker sources' would only cost time to compute.
+MAX_REASONS = 2
+
+
 def _explain(ranked: list[Scored], lists: list[Candidates]) -> None:
     """Reasons for the final items only, strongest source first (sources may compute them lazily)."""
     by_source: dict[str, Candidates] = {}
@@ -45,6 +49,8 @@ def _explain(ranked: list[Scored], lists: list[Candidates]) -> None:
         by_source.setdefault(cands.source, cands)
     for entry in ranked:
         for source in entry.sources:
+            if len(entry.reasons) >= MAX_REASONS:
+                break
             cands = by_source.get(source)
             reason = cands.reason_for(entry.slot) if cands is not None else ""
             if reason and reason not in entry.reasons:

@@ -39,7 +39,8 @@ class Query:
             catalog = self.catalog
             mask = catalog.category_mask(self.categories) if self.categories else catalog.active.copy()
             if self.exclude:
-                mask[[s for s in self.exclude if s < len(mask)]] = False
+                excluded = np.fromiter(self.exclude, dtype=np.int64, count=len(self.exclude))
+                mask[excluded[excluded < len(mask)]] = False
             self._allowed = mask
         return self._allowed
 
@@ -95,3 +96,30 @@ def top_slots(scores: np.ndarray, n: int, allowed: np.ndarray | None = None) -> 
     keep = np.isfinite(scores[order])
     order = order[keep]
     return order.astype(np.int64), scores[order]
+
+
+def first_allowed(ordered: np.ndarray | list[int], n: int, allowed: np.ndarray) -> np.ndarray:
+    """The first ``n`` slots of ``ordered`` (best first) that ``allowed`` lets through.
+
+    Looks at a short prefix first: a user has rarely excluded more than a few of the best
+    items, so the whole list is read only when the prefix does not suffice.
+    """
+    prefix = min(len(ordered), 2 * n + 8)
+    while True:
+        head = np.asarray(ordered[:prefix], dtype=np.int64)
+        head = head[head < len(allowed)]
+        chosen = head[allowed[head]][:n]
+        if len(chosen) == n or prefix >= len(ordered):
+            return chosen
+        prefix = len(ordered)
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` for the small integer arrays of the hot path (its hashing costs more there)."""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]

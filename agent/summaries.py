@@ -409,6 +409,7 @@ class SummaryScheduler:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.counts: Counter[str] = Counter()
+        self._counters: dict[str, Any] = {}
 
     # ---- called from the hot path: O(1), never awaits
 
@@ -472,7 +473,11 @@ class SummaryScheduler:
 
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
-        self.metrics.requests.labels(outcome=outcome).inc()
+        # the labelled child is looked up once: this runs for every event
+        counter = self._counters.get(outcome)
+        if counter is None:
+            counter = self._counters[outcome] = self.metrics.requests.labels(outcome=outcome)
+        counter.inc()
 
     def _refill(self, now: float) -> None:
         """Move due users into ``pending`` while there is room, earliest due first."""

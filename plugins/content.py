@@ -157,11 +157,19 @@ class ContentRetrieval:
             batch = await self._queue.get()
             try:
                 await self._embed(self._needing_vectors(batch))
+                await self._project_if_grown()
                 self._metrics_gauge()
             except Exception:
                 log.exception("embedding a catalog batch failed; those items stay out of content retrieval")
             finally:
                 self._queue.task_done()
+
+    async def _project_if_grown(self) -> None:
+        # The projection's SVD takes about a second for 10k items: never on the hot path.
+        vectors = self.vectors
+        if vectors is not None and vectors.needs_projection():
+            vectors.start_fit()
+            vectors.install_projection(await in_daemon_thread(vectors.fit_projection))
 
     @hookimpl
     def recsys_settle(self) -> Any:
@@ -232,12 +240,15 @@ class ContentRetrieval:
         vectors = self.vectors
         if vectors is None or not user.recent:
             return None
-        history = [i for i in user.recent if vectors.has(i.slot)]
-        if not history:
+        recent = list(user.recent)
+        slots = np.fromiter((i.slot for i in recent), dtype=np.int64, count=len(recent))
+        present = vectors.present(int(slots.max()) + 1)[slots]
+        if not present.any():
             return None
+        history = [i for i, ok in zip(recent, present.tolist(), strict=True) if ok]
         signals = np.array([event_signal(i.type, i.value, self.rating_max) for i in history])
         ages = np.arange(len(history) - 1, -1, -1)
-        rows = vectors.rows(np.array([i.slot for i in history]))
+        rows = vectors.rows(slots[present])
         short = (signals * SHORT_DECAY**ages) @ rows
         long = (signals * LONG_DECAY**ages) @ rows
         positives = [(i.slot, i.type) for i, s in zip(history, signals.tolist(), strict=True) if s > 0][-RECENT_POSITIVES:]

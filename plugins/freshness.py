@@ -11,7 +11,7 @@ from agent.catalog import grow
 from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.models import Item
-from agent.ranking import Candidates, Query
+from agent.ranking import Candidates, Query, first_allowed
 
 DEFAULT_WINDOW_S = 7 * 86_400.0
 
@@ -25,8 +25,9 @@ class Freshness:
         self.added_at = np.full(1024, -np.inf)
         self.window_s = DEFAULT_WINDOW_S
         self.clock: Callable[[], float] | None = None
-        # slots, newest first; recomputed only when an item is added
+        # slots, newest first, and their times; recomputed only when an item is added
         self._newest_first: np.ndarray | None = None
+        self._newest_keys = np.empty(0)
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -58,9 +59,10 @@ class Freshness:
         if self._newest_first is None or len(self._newest_first) > size:
             known = np.flatnonzero(np.isfinite(added))
             self._newest_first = known[np.argsort(-added[known], kind="stable")]
-        ordered = self._newest_first[self._newest_first < size]
-        ordered = ordered[added[ordered] >= query.now - self.window_s]
-        slots = ordered[query.allowed()[ordered]][: query.n_candidates]
+            # negated, so that they ascend along the list: the fresh items are a prefix of it
+            self._newest_keys = -added[self._newest_first]
+        fresh = int(np.searchsorted(self._newest_keys, -(query.now - self.window_s), side="right"))
+        slots = first_allowed(self._newest_first[:fresh], query.n_candidates, query.allowed())
         if len(slots) == 0:
             return None
         now = query.now

@@ -28,7 +28,7 @@ import numpy as np
 from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.models import Event
-from agent.ranking import Candidates, Query, Scored, top_slots
+from agent.ranking import Candidates, Query, Scored, sorted_unique, top_slots
 from agent.signals import event_signal
 from agent.snapshots import Snapshots
 from agent.state import UserState
@@ -89,6 +89,8 @@ class LearnedFusion:
         self.pending: OrderedDict[str, Ranking] = OrderedDict()
         self.max_pending = MAX_PENDING
         self._rng = np.random.default_rng(0)
+        self._uniform_pool = np.empty(0)
+        self._uniform_at = 0
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -146,31 +148,31 @@ class LearnedFusion:
     @staticmethod
     def _raw_scores(cands: Candidates, slots: np.ndarray) -> np.ndarray:
         if cands.score_of is not None:
-            raw = np.asarray(cands.score_of(slots), dtype=np.float64)
-            raw[np.isnan(raw)] = -np.inf
-            return raw
+            return cands.score_of(slots)
         # without score_of, an item's standing in this source is its rank gain (0 if absent)
         ranks = {slot: rank for rank, slot in enumerate(cands.slots.tolist(), start=1)}
         return np.array([gain(ranks[s]) if s in ranks else 0.0 for s in slots.tolist()])
 
     @staticmethod
     def _standardised(raw: np.ndarray) -> np.ndarray:
-        """z-scores over the candidates: scale-free, yet a clear favourite keeps its lead
-        (popularity is heavy-tailed; a percentile would flatten that)."""
+        """Row-wise (one row per source) z-scores over the candidates: scale-free, yet a clear
+        favourite keeps its lead (popularity is heavy-tailed; a percentile would flatten
+        that). A candidate a source cannot score (NaN or infinite) gets the floor."""
         known = np.isfinite(raw)
-        if known.all():
-            mean = raw.mean()
-            spread = np.sqrt(np.dot(raw - mean, raw - mean) / len(raw))
-            if spread <= 0:
-                return np.zeros(len(raw))
-            return np.clip((raw - mean) / spread, Z_MIN, Z_MAX)
-        if not known.any():
-            return np.zeros(len(raw))
-        values = raw[known]
-        spread = values.std()
-        z = np.full(len(raw), Z_MIN)
-        z[known] = (values - values.mean()) / spread if spread > 0 else 0.0
-        return np.clip(z, Z_MIN, Z_MAX)
+        complete = bool(known.all())
+        if not complete:
+            counts = np.maximum(known.sum(axis=1, keepdims=True), 1)
+            raw = np.where(known, raw, 0.0)
+            mean = raw.sum(axis=1, keepdims=True) / counts
+            deviation = np.where(known, raw - mean, 0.0)
+        else:
+            mean = raw.mean(axis=1, keepdims=True)
+            deviation = raw - mean
+        spread = np.sqrt(np.einsum("ij,ij->i", deviation, deviation)[:, None] / (raw.shape[1] if complete else counts))
+        z = deviation / np.where(spread > 0, spread, np.inf)
+        if not complete:
+            z[~known] = Z_MIN
+        return np.clip(z, Z_MIN, Z_MAX, out=z)
 
     @hookimpl(trylast=True)
     def recsys_fuse(self, query: Query, candidates: list[Candidates]) -> list[Scored]:
@@ -180,30 +182,44 @@ class LearnedFusion:
         segment = segment_of(query.user.event_count)
         sources = [c.source for c in candidates]
         weights = self._weights(segment, sources, [c.plugin for c in candidates])
-        union = np.unique(np.concatenate([c.slots for c in candidates]))
-        features = np.stack([self._standardised(self._raw_scores(c, union)) for c in candidates], axis=1)
-        top, scores = top_slots(features @ weights, query.n_candidates)
+        union = sorted_unique(np.concatenate([c.slots for c in candidates]))
+        # one row per source: the statistics run along contiguous rows
+        raw = np.empty((len(candidates), len(union)))
+        for row, c in enumerate(candidates):
+            raw[row] = self._raw_scores(c, union)
+        features = self._standardised(raw)
+        top, scores = top_slots(weights @ features, query.n_candidates)
         top_slots_ = union[top]
         # which source proposed each top item, strongest contribution first (for reasons)
         mark = np.zeros(query.catalog.size, dtype=bool)
-        proposed = np.empty((len(top_slots_), len(candidates)), dtype=bool)
-        for column, c in enumerate(candidates):
+        proposed = np.empty((len(candidates), len(top_slots_)), dtype=bool)
+        for row, c in enumerate(candidates):
             mark[c.slots] = True
-            proposed[:, column] = mark[top_slots_]
+            proposed[row] = mark[top_slots_]
             mark[c.slots] = False
-        strength = np.where(proposed, features[top] * weights, -np.inf)
-        order = np.argsort(-strength, axis=1, kind="stable")
-        ranked = []
-        for row, (slot, score) in enumerate(zip(top_slots_.tolist(), scores.tolist(), strict=True)):
-            ranked.append(Scored(slot=slot, score=score, sources=[sources[i] for i in order[row] if proposed[row, i]]))
+        strength = np.where(proposed, features[:, top] * weights[:, None], -np.inf)
+        order = np.argsort(-strength, axis=0, kind="stable").T.tolist()
+        proposed_by = proposed.T.tolist()
+        ranked = [
+            Scored(slot=slot, score=score, sources=[sources[i] for i in columns if by_source[i]])
+            for slot, score, columns, by_source in zip(top_slots_.tolist(), scores.tolist(), order, proposed_by, strict=True)
+        ]
         # Only rankings of known users are remembered: a read for a user the agent does not
         # hold must not grow memory.
         if query.user.event_count:
             # negatives: the top the user passed over, and a sample of the rest of the candidates
-            sample = self._rng.choice(len(union), size=min(RANDOM_NEGATIVES, len(union)), replace=False)
-            shown = np.unique(np.concatenate([top[:HARD_NEGATIVES], sample]))
-            self._remember(query.user.user_id, Ranking(segment, sources, union, features.astype(np.float32), shown))
+            sample = (self._uniforms() * len(union)).astype(np.int64)
+            shown = sorted_unique(np.concatenate([top[:HARD_NEGATIVES], sample]))
+            self._remember(query.user.user_id, Ranking(segment, sources, union, features.T.astype(np.float32), shown))
         return ranked
+
+    def _uniforms(self) -> np.ndarray:
+        # drawn a few thousand at a time: one generator call per ranking costs more than the rest
+        if self._uniform_at + RANDOM_NEGATIVES > len(self._uniform_pool):
+            self._uniform_pool = self._rng.random(64 * RANDOM_NEGATIVES)
+            self._uniform_at = 0
+        self._uniform_at += RANDOM_NEGATIVES
+        return self._uniform_pool[self._uniform_at - RANDOM_NEGATIVES : self._uniform_at]
 
     def _remember(self, user_id: str, ranking: Ranking) -> None:
         self.pending[user_id] = ranking

@@ -11,6 +11,7 @@ stays bounded however long the stream runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,27 +32,68 @@ QUERY_ITEMS = 8
 RECENCY = 0.8
 
 
+class Row:
+    """One item's neighbours: a dict from neighbour to position, and the weights as an array,
+    so a query reads the row without copying it out of a dict."""
+
+    __slots__ = ("index", "slots", "weights")
+
+    def __init__(self) -> None:
+        self.index: dict[int, int] = {}
+        self.slots = np.empty(8, dtype=np.int64)
+        self.weights = np.empty(8, dtype=np.float64)
+
+    def add(self, neighbour: int, weight: float) -> None:
+        position = self.index.get(neighbour)
+        if position is not None:
+            self.weights[position] += weight
+            return
+        position = len(self.index)
+        if position == len(self.slots):
+            self.slots = np.resize(self.slots, 2 * position)
+            self.weights = np.resize(self.weights, 2 * position)
+        self.index[neighbour] = position
+        self.slots[position] = neighbour
+        self.weights[position] = weight
+
+    def prune(self, keep: int) -> None:
+        size = len(self.index)
+        strongest = np.argpartition(-self.weights[:size], keep - 1)[:keep]
+        self.slots = self.slots[strongest].copy()
+        self.weights = self.weights[strongest].copy()
+        self.index = {slot: position for position, slot in enumerate(self.slots.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 class Neighbours:
-    """slot -> {neighbour slot: weight}, with per-item pruning."""
+    """slot -> its neighbours and weights, pruned per item to the strongest ``max_neighbours``."""
 
     def __init__(self, max_neighbours: int) -> None:
         self.max_neighbours = max_neighbours
-        self.edges: dict[int, dict[int, float]] = {}
+        self.edges: dict[int, Row] = {}
 
     def add(self, a: int, b: int, weight: float) -> None:
         row = self.edges.get(a)
         if row is None:
-            row = self.edges[a] = {}
-        row[b] = row.get(b, 0.0) + weight
+            row = self.edges[a] = Row()
+        row.add(b, weight)
         if len(row) > 2 * self.max_neighbours:
-            keep = sorted(row.items(), key=lambda kv: kv[1], reverse=True)[: self.max_neighbours]
-            self.edges[a] = dict(keep)
+            row.prune(self.max_neighbours)
 
     def row(self, a: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Views of ``a``'s neighbours and weights (read them before the next ``add``)."""
         row = self.edges.get(a)
-        if not row:
+        if row is None or not len(row):
             return None
-        return np.fromiter(row.keys(), dtype=np.int64, count=len(row)), np.fromiter(row.values(), dtype=np.float64, count=len(row))
+        size = len(row)
+        return row.slots[:size], row.weights[:size]
+
+    def weight(self, a: int, b: int) -> float:
+        row = self.edges.get(a)
+        position = row.index.get(b) if row is not None else None
+        return float(row.weights[position]) if row is not None and position is not None else 0.0
 
 
 class ItemToItem:
@@ -108,48 +150,36 @@ class ItemToItem:
                 self.after.add(other, slot, 1.0 / distance)
 
     def _score(self, query: Query, recent: list[int], neighbours: Neighbours, source: str, template: str) -> Candidates | None:
-        parts_slots, parts_values, parts_anchor = [], [], []
+        rows = [(age, anchor, neighbours.row(anchor)) for age, anchor in enumerate(recent)]
+        rows = [(age, anchor, row) for age, anchor, row in rows if row is not None]
+        if not rows:
+            return None
         size = query.catalog.size
         self.counts = grow(self.counts, size)
-        for age, anchor in enumerate(recent):
-            row = neighbours.row(anchor)
-            if row is None:
-                continue
-            slots, weights = row
-            norm = np.sqrt(np.maximum(self.counts[slots], 1.0) * max(self.counts[anchor], 1.0))
-            parts_slots.append(slots)
-            parts_values.append((RECENCY**age) * weights / norm)
-            parts_anchor.append(np.full(len(slots), anchor, dtype=np.int64))
-        if not parts_slots:
+        counts = self.counts
+        lengths = [len(row[0]) for _, _, row in rows]
+        anchor_scale = [(RECENCY**age) / math.sqrt(max(float(counts[anchor]), 1.0)) for age, anchor, _ in rows]
+        slots = np.concatenate([row[0] for _, _, row in rows])
+        weights = np.concatenate([row[1] for _, _, row in rows])
+        values = weights * np.repeat(anchor_scale, lengths) / np.sqrt(np.maximum(counts[slots], 1.0))
+        # Sparse in, dense out: summing into a catalog-sized array is far cheaper than sorting
+        # the neighbours to merge them, and makes score_of a lookup.
+        totals = np.bincount(slots, weights=values, minlength=size)[:size]
+        # every edge weight is positive: a positive total is a proposed item
+        found = np.flatnonzero((totals > 0) & query.allowed())
+        if not len(found):
             return None
-        # Sparse throughout: only the neighbours of the user's recent items are touched.
-        slots = np.concatenate(parts_slots)
-        values = np.concatenate(parts_values)
-        anchors = np.concatenate(parts_anchor)
-        unique, inverse = np.unique(slots, return_inverse=True)
-        totals = np.bincount(inverse, weights=values)
-        # the anchor that contributed most to each item names the reason
-        order = np.lexsort((-values, inverse))
-        first = np.ones(len(order), dtype=bool)
-        first[1:] = inverse[order][1:] != inverse[order][:-1]
-        because = anchors[order][first]
-        allowed = query.allowed()
-        keep = (unique < len(allowed)) & (totals > 0)
-        keep[keep] = allowed[unique[keep]]
-        if not keep.any():
-            return None
-        picked, picked_scores = top_slots(np.where(keep, totals, -np.inf), query.n_candidates)
+        best, best_scores = top_slots(totals[found], query.n_candidates)
         catalog = query.catalog
-        reason_anchor = dict(zip(unique[picked].tolist(), because[picked].tolist(), strict=True))
 
-        def score_of(wanted: np.ndarray) -> np.ndarray:
-            positions = np.minimum(np.searchsorted(unique, wanted), len(unique) - 1)
-            return np.where(unique[positions] == wanted, totals[positions], 0.0)
+        def reason(slot: int) -> str:
+            # the recent item that contributed most names the reason; only the final list asks
+            strength = [(RECENCY**age) * neighbours.weight(anchor, slot) for age, anchor in enumerate(recent)]
+            return template.format(catalog.title(recent[strength.index(max(strength))]))
 
         return Candidates(
-            source=source, slots=unique[picked], scores=picked_scores,
-            reasons=lambda slot: template.format(catalog.title(reason_anchor.get(slot, slot))),
-            score_of=score_of,
+            source=source, slots=found[best], scores=best_scores, reasons=reason,
+            score_of=lambda wanted: totals[wanted],
         )
 
     @hookimpl

@@ -72,7 +72,7 @@ class Diversity:
 
     def _similarity(self, query: Query, slots: list[int]) -> np.ndarray:
         vectors = self.ctx.extras.get("item_vectors") if self.ctx else None
-        if vectors is not None and all(vectors.has(s) for s in slots):
+        if vectors is not None and vectors.present(query.catalog.size)[slots].all():
             rows = vectors.rows(np.array(slots))
             return np.clip(rows @ rows.T, 0.0, 1.0)
         sets = [set(item.categories) if (item := query.catalog.item(s)) else set() for s in slots]
@@ -93,16 +93,16 @@ class Diversity:
         scores = np.array([s.score for s in pool])
         spread = scores.max() - scores.min()
         relevance = (scores - scores.min()) / spread if spread > 0 else np.ones(len(pool))
-        sim = self._similarity(query, [s.slot for s in pool])
-        picked: list[int] = []
+        # the penalty is scaled once; a picked item is blocked by an infinite one
+        value = self.trade_off * relevance
+        penalty = (1 - self.trade_off) * self._similarity(query, [s.slot for s in pool])
         closest = np.zeros(len(pool))
-        remaining = np.ones(len(pool), dtype=bool)
+        picked: list[int] = []
         for _ in range(min(query.k, len(pool))):
-            value = self.trade_off * relevance - (1 - self.trade_off) * closest
-            value[~remaining] = -np.inf
-            choice = int(np.argmax(value))
+            choice = int(np.argmax(value - closest))
             picked.append(choice)
-            remaining[choice] = False
-            closest = np.maximum(closest, sim[choice])
-        order = picked + [i for i in range(len(pool)) if remaining[i]]
+            value[choice] = -np.inf
+            np.maximum(closest, penalty[choice], out=closest)
+        chosen = set(picked)
+        order = picked + [i for i in range(len(pool)) if i not in chosen]
         return [pool[i] for i in order] + rest

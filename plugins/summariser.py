@@ -162,23 +162,21 @@ class Summariser:
         interests = [(str(i), f" {_words(str(i))} ") for i in profile["interests"]]
         # Categories repeat across candidates (genres, departments): each is matched once per call.
         verdicts: dict[str, str | None] = {}
-        out: list[Scored] = []
-        changed = False
+        catalog = query.catalog
         for entry in ranked:
-            item = query.catalog.item(entry.slot)
-            reason = None
-            if item is not None:
-                for category in item.categories:
-                    if category not in verdicts:
-                        verdicts[category] = _interest_reason(category, interests)
-                    reason = verdicts[category]
-                    if reason is not None:
-                        break
-            if reason is not None and reason not in entry.reasons:
-                entry = Scored(slot=entry.slot, score=entry.score, reasons=[*entry.reasons, reason], sources=list(entry.sources))
-                changed = True
-            out.append(entry)
-        return out if changed else None
+            item = catalog.item(entry.slot)
+            if item is None:
+                continue
+            for category in item.categories:
+                reason = verdicts.get(category, "")
+                if reason == "":
+                    reason = verdicts[category] = _interest_reason(category, interests)
+                if reason is not None:
+                    # the entries are this request's own (fusion made them): annotated in place
+                    if reason not in entry.reasons:
+                        entry.reasons.append(reason)
+                    break
+        return None
 
     @hookimpl
     def recsys_forget_user(self, user_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,7 @@ from agent.catalog import Catalog, grow
 from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.models import Event
-from agent.ranking import Candidates, Query, top_slots
+from agent.ranking import Candidates, Query, first_allowed, top_slots
 from agent.state import UserState
 
 # How much one event says about an item's appeal. Negative feedback adds nothing rather than
@@ -45,12 +46,15 @@ class DecayedCounts:
         self.rate = math.log(2) / half_life_s
         self.scores = np.zeros(1024)
         self.reference_ts: float | None = None
-        # The head: a superset of the ``depth`` best items, kept exactly. Scores only grow (in
-        # reference units), so an item outside the head can only enter through add().
+        # The head: a superset of the ``depth`` best items, kept exactly and in order. Scores
+        # only grow (in reference units), so an item outside the head can only enter through
+        # add(), and an item in it can only move up: one event costs a few swaps, not a sort.
         self.depth = depth
         self.head: dict[int, float] = {}
+        # head slots, best first, and their negated scores (ascending, for bisect)
+        self.order: list[int] = []
+        self.keys: list[float] = []
         self.head_floor = 0.0
-        self._ordered: np.ndarray | None = None
 
     def add(self, slot: int, weight: float, ts: float) -> None:
         if self.reference_ts is None:
@@ -61,26 +65,39 @@ class DecayedCounts:
             factor = math.exp(-exponent)
             self.scores *= factor
             self.head = {s: v * factor for s, v in self.head.items()}
+            self.keys = [k * factor for k in self.keys]
             self.head_floor *= factor
             self.reference_ts = ts
             exponent = 0.0
         self.scores = grow(self.scores, slot + 1)
         self.scores[slot] += weight * math.exp(exponent)
         value = float(self.scores[slot])
-        if slot in self.head or value > self.head_floor or len(self.head) < self.depth:
-            self.head[slot] = value
-            self._ordered = None
-            if len(self.head) > 2 * self.depth:
-                kept = sorted(self.head.items(), key=lambda kv: kv[1], reverse=True)[: self.depth]
-                self.head = dict(kept)
-                self.head_floor = kept[-1][1]
+        head = self.head
+        if slot in head or value > self.head_floor or len(head) < self.depth:
+            previous = head.get(slot)
+            head[slot] = value
+            self._reposition(slot, previous, value)
+            if len(self.order) > 2 * self.depth:
+                for dropped in self.order[self.depth :]:
+                    del head[dropped]
+                del self.order[self.depth :], self.keys[self.depth :]
+                self.head_floor = head[self.order[-1]]
+
+    def _reposition(self, slot: int, previous: float | None, value: float) -> None:
+        # Binary searches and list moves in C: an event costs microseconds, never a sort.
+        order, keys = self.order, self.keys
+        if previous is not None:
+            at = bisect.bisect_left(keys, -previous)
+            while order[at] != slot:  # equal scores: the slot is among them
+                at += 1
+            del order[at], keys[at]
+        at = bisect.bisect_left(keys, -value)
+        order.insert(at, slot)
+        keys.insert(at, -value)
 
     def top(self, n: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` best allowed slots with a positive score, from the head when it suffices."""
-        if self._ordered is None:
-            self._ordered = np.array(sorted(self.head, key=self.head.__getitem__, reverse=True), dtype=np.int64)
-        ordered = self._ordered[self._ordered < len(allowed)]
-        chosen = ordered[allowed[ordered]][:n]
+        chosen = first_allowed(self.order, n, allowed)
         if len(chosen) == n or len(self.head) < self.depth:
             return chosen, self.scores[chosen]
         # the user has excluded most of the head: a full scan is exact

@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> None:
     index.set(list(range(n)), vectors_np, ["-"] * n)
     allowed = np.ones(n, dtype=bool)
     with threadpool_limits(1, user_api="blas"):
-        index.search(queries[0], k, allowed)  # fits the projection once
+        index.refit()
         qdrant_ms = timed(lambda: store.search(queries[0], k), 20)
         exact_ms = timed(lambda: vectors_np @ queries[0], 200)
         ours_ms = timed(lambda: index.search(queries[0], k, allowed), 200)
