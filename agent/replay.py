@@ -197,6 +197,8 @@ class ReplayResult:
     timings_s: dict[str, float]
     plugins: list[str] = field(default_factory=list)
     first_rejection: str | None = None
+    # what the fusion learned, by segment then source (empty without a learning fusion)
+    fusion_weights: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def events_per_s(self) -> float:
@@ -223,6 +225,7 @@ class ReplayResult:
             "counts": dict(self.counts),
             "time_s": {name: round(value, 3) for name, value in self.timings_s.items()},
             "plugins": self.plugins,
+            "fusion_weights": self.fusion_weights,
             "rules": {
                 "order": "ts, then user, then item",
                 "evaluated": "events of users with history; not repeats, dislike or skip",
@@ -342,7 +345,15 @@ async def replay(
         timings_s=timings,
         plugins=[name for name, _ in pipeline.pm.list_name_plugin()],
         first_rejection=loop.first_rejection,
+        fusion_weights=_fusion_weights(pipeline),
     )
+
+
+def _fusion_weights(pipeline: Pipeline) -> dict[str, dict[str, float]]:
+    weights = pipeline.context.extras.get("fusion_weights")
+    if not isinstance(weights, dict):
+        return {}
+    return {str(segment): {str(source): round(float(w), 4) for source, w in table.items()} for segment, table in weights.items()}
 
 
 class _EventLoop:
@@ -496,6 +507,8 @@ def format_details(report: dict[str, Any]) -> str:
                  f"apply p50 {stages['apply']['p50']:.3f} ms p99 {stages['apply']['p99']:.3f} ms")
     if report["sources"]:
         lines.append("share of hits: " + ", ".join(f"{name} {value['share_of_hits']:.2f}" for name, value in report["sources"].items()))
+    for segment, table in report.get("fusion_weights", {}).items():
+        lines.append(f"fusion weights ({segment}): " + ", ".join(f"{name} {value:.2f}" for name, value in sorted(table.items(), key=lambda kv: -kv[1])))
     counts = report["counts"]
     lines.append("not evaluated: " + ", ".join(f"{name} {counts[name]:,}" for name in
                                                ("no_history", "repeats", "negative_feedback", "rejected", "duplicates")))

@@ -30,10 +30,11 @@ from agent.catalog import Catalog
 from agent.context import AgentContext
 from agent.embeddings import Embedder, content_hash, item_text, shared_embedder
 from agent.hookspecs import hookimpl
+from agent.item_neighbours import NEIGHBOURS, ItemNeighbours
 from agent.item_vectors import ItemVectors
 from agent.metrics import Metrics
 from agent.models import Event, Item
-from agent.ranking import Candidates, Query
+from agent.ranking import Candidates, Query, top_slots
 from agent.signals import event_signal
 from agent.threads import in_daemon_thread, join_running
 from agent.state import UserState
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 SHORT_DECAY = 0.5
 LONG_DECAY = 0.9
 RECENT_POSITIVES = 8
+# "scan": every query scans the projected catalog (best recall); "neighbours": it scores only
+# the precomputed nearest items of the user's recent items (cost independent of catalog size)
+SEARCH_MODES = ("scan", "neighbours")
 EMBED_CHUNK = 256
 THREAD_JOIN_S = 2.0
 PROGRESS_FROM = 1_000
@@ -77,12 +81,16 @@ def profile_text(profile: dict[str, Any] | None) -> str:
 
 class ContentRetrieval:
     """Options (``[plugins.content]``): ``sources`` (which of ``content_recent``,
-    ``content_long``, ``profile`` to propose; default all)."""
+    ``content_long``, ``profile`` to propose; default all); ``search`` (``scan``, the default,
+    or ``neighbours``: see SEARCH_MODES and the README's benchmark figures); ``neighbours``
+    (how many nearest items the ``neighbours`` mode keeps per item, default 32)."""
 
     def __init__(self) -> None:
         self.embedder: Embedder | None = None
         self.store: VectorStore | None = None
         self.vectors: ItemVectors | None = None
+        self.neighbours = ItemNeighbours()
+        self.search_mode = "scan"
         self.rating_max = 10.0
         self.cache_max_items = 500_000
         self.enabled_sources = {"content_recent", "content_long", "profile"}
@@ -102,9 +110,14 @@ class ContentRetrieval:
 
     @asynccontextmanager
     async def _run(self, ctx: AgentContext) -> AsyncIterator[None]:
-        sources = ctx.options("content").get("sources")
+        options = ctx.options("content")
+        sources = options.get("sources")
         if sources is not None:
             self.enabled_sources = set(sources)
+        self.search_mode = str(options.get("search", "scan"))
+        self.neighbours = ItemNeighbours(int(options.get("neighbours", NEIGHBOURS)))
+        if self.search_mode not in SEARCH_MODES:
+            raise ValueError(f"[plugins.content] search must be one of {', '.join(SEARCH_MODES)}, not {self.search_mode!r}")
         self.rating_max = ctx.settings.rating_max
         self.cache_max_items = ctx.settings.vector_cache_max_items
         self._catalog = ctx.catalog
@@ -165,11 +178,15 @@ class ContentRetrieval:
                 self._queue.task_done()
 
     async def _project_if_grown(self) -> None:
-        # The projection's SVD takes about a second for 10k items: never on the hot path.
-        vectors = self.vectors
+        # The projection's SVD and the neighbour table take a second or two for 10k items:
+        # never on the hot path.
+        vectors, neighbours = self.vectors, self.neighbours
         if vectors is not None and vectors.needs_projection():
             vectors.start_fit()
             vectors.install_projection(await in_daemon_thread(vectors.fit_projection))
+        if vectors is not None and self.search_mode == "neighbours" and neighbours.needs_build(vectors):
+            neighbours.start_build()
+            neighbours.install(await in_daemon_thread(neighbours.build, vectors))
 
     @hookimpl
     def recsys_settle(self) -> Any:
@@ -204,6 +221,7 @@ class ContentRetrieval:
             stored = self._stored.pop(item.id, None)
             if stored is not None and stored[0] == digest:
                 self.vectors.set([slot], stored[1][None, :], [digest])
+                self.neighbours.changed([slot])
                 continue
             todo.append((item, slot, text, digest))
         return todo
@@ -220,6 +238,7 @@ class ContentRetrieval:
                     self.store.upsert, [item.id for item, _, _, _ in chunk], vectors, [d for _, _, _, d in chunk], payloads
                 )
                 self.vectors.set([slot for _, slot, _, _ in chunk], vectors, [d for _, _, _, d in chunk])
+                self.neighbours.changed([slot for _, slot, _, _ in chunk])
                 progress.update(len(chunk))
                 self._metrics_gauge()
         finally:
@@ -328,17 +347,36 @@ class ContentRetrieval:
         catalog = query.catalog
         if catalog.size > self.cache_max_items:
             return self._search_qdrant(query, taste, queries)
-        found = self.vectors.search_many([vector for _, vector in queries], query.n_candidates, query.allowed())
+        found = self._search(query, taste, queries)
         results = []
         for (source, vector), (slots, scores) in zip(queries, found, strict=True):
             if len(slots):
                 results.append(
                     Candidates(
                         source, slots, scores, self._reasons(taste, catalog, source),
-                        score_of=lambda wanted, vector=vector: self.vectors.rows(wanted) @ vector,  # type: ignore[union-attr]
+                        score_of=self.vectors.scorer(vector),
                     )
                 )
         return results
+
+    def _search(self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        vectors = self.vectors
+        assert vectors is not None
+        allowed = query.allowed()
+        anchors = [slot for slot, _ in taste.positives]
+        if not self.neighbours.ready or not anchors:
+            return vectors.search_many([vector for _, vector in queries], query.n_candidates, allowed)
+        # Taste queries score the neighbours of the user's recent items (by the projected
+        # vectors: a few hundred rows, no scan); a profile query has no anchor items and scans.
+        pool = self.neighbours.candidates(anchors, vectors, allowed)
+        found = []
+        for source, vector in queries:
+            if source == "profile":
+                found.append(vectors.search(vector, query.n_candidates, allowed))
+                continue
+            best, best_scores = top_slots(vectors.scorer(vector)(pool), query.n_candidates)
+            found.append((pool[best], best_scores))
+        return found
 
     def _search_qdrant(self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]) -> list[Candidates]:
         # Catalogs too large for the in-memory copy are searched in Qdrant (HNSW on a server).

@@ -1,9 +1,10 @@
 """Fusion of the candidate sources by a linear ranker learned online from what users do next.
 
 Every candidate proposed by any source is described by one feature per source: where it stands
-among the candidates by that source's score (a percentile, so sources with incomparable scales
+among the candidates by that source's score (a z-score, so sources with incomparable scales
 mix fairly; a source that cannot score an item it did not propose falls back to the item's
-rank gain in its list). The fused score is a weighted sum of those features.
+rank gain in its list), plus one for how many sources proposed it. The fused score is a
+weighted sum of those features.
 
 Learning is pairwise, as in online learning to rank: when the user's next positive event
 arrives, the item they chose should have outscored the items that were ranked above it; the
@@ -44,6 +45,9 @@ MAX_PENDING = 20_000
 SNAPSHOT_KEY = "fusion.weights"
 SAVE_EVERY_S = 10.0
 Z_MIN, Z_MAX = -3.0, 10.0
+# A feature beside the sources: how many of them proposed the item. Its weight starts at zero
+# and moves only as far as agreement predicts the user's next item on this stream.
+AGREEMENT = "agreement"
 
 
 def segment_of(event_count: int) -> str:
@@ -142,7 +146,7 @@ class LearnedFusion:
                 # Before any feedback each plugin gets one vote, shared among its sources, so
                 # a plugin with three popularity horizons does not outvote the others 3 to 1.
                 share = plugins.count(plugins[position]) if plugins and plugins[position] else 1
-                table[source] = self.initial.get(source, 1.0 / share)
+                table[source] = self.initial.get(source, 0.0 if source == AGREEMENT else 1.0 / share)
         return np.array([table[s] for s in sources])
 
     @staticmethod
@@ -181,12 +185,16 @@ class LearnedFusion:
             return []
         segment = segment_of(query.user.event_count)
         sources = [c.source for c in candidates]
-        weights = self._weights(segment, sources, [c.plugin for c in candidates])
-        union = sorted_unique(np.concatenate([c.slots for c in candidates]))
-        # one row per source: the statistics run along contiguous rows
-        raw = np.empty((len(candidates), len(union)))
+        names = [*sources, AGREEMENT]
+        weights = self._weights(segment, names, [c.plugin for c in candidates] + [AGREEMENT])
+        proposals = np.concatenate([c.slots for c in candidates])
+        union = sorted_unique(proposals)
+        # one row per source, and a last one for how many sources agree on the item; rows
+        # keep the statistics on contiguous memory
+        raw = np.empty((len(names), len(union)))
         for row, c in enumerate(candidates):
             raw[row] = self._raw_scores(c, union)
+        raw[-1] = np.bincount(np.searchsorted(union, proposals), minlength=len(union))
         features = self._standardised(raw)
         top, scores = top_slots(weights @ features, query.n_candidates)
         top_slots_ = union[top]
@@ -197,12 +205,15 @@ class LearnedFusion:
             mark[c.slots] = True
             proposed[row] = mark[top_slots_]
             mark[c.slots] = False
-        strength = np.where(proposed, features[:, top] * weights[:, None], -np.inf)
-        order = np.argsort(-strength, axis=0, kind="stable").T.tolist()
-        proposed_by = proposed.T.tolist()
+        strength = np.where(proposed, features[:-1, top] * weights[:-1, None], -np.inf)
+        # each item's proposing sources, strongest first: sorted by strength, the proposers
+        # lead every column, so one gather and a slice per item give them
+        order = np.argsort(-strength, axis=0, kind="stable").T
+        by_strength = np.array(sources, dtype=object)[order].tolist()
+        counts = proposed.sum(axis=0).tolist()
         ranked = [
-            Scored(slot=slot, score=score, sources=[sources[i] for i in columns if by_source[i]])
-            for slot, score, columns, by_source in zip(top_slots_.tolist(), scores.tolist(), order, proposed_by, strict=True)
+            Scored(slot, score, [], names_[:count])
+            for slot, score, names_, count in zip(top_slots_.tolist(), scores.tolist(), by_strength, counts, strict=True)
         ]
         # Only rankings of known users are remembered: a read for a user the agent does not
         # hold must not grow memory.
@@ -210,7 +221,7 @@ class LearnedFusion:
             # negatives: the top the user passed over, and a sample of the rest of the candidates
             sample = (self._uniforms() * len(union)).astype(np.int64)
             shown = sorted_unique(np.concatenate([top[:HARD_NEGATIVES], sample]))
-            self._remember(query.user.user_id, Ranking(segment, sources, union, features.T.astype(np.float32), shown))
+            self._remember(query.user.user_id, Ranking(segment, names, union, features.T.astype(np.float32), shown))
         return ranked
 
     def _uniforms(self) -> np.ndarray:

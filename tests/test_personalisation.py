@@ -13,6 +13,7 @@ import pytest
 from agent.app import Agent
 from agent.config import Settings, load_settings
 from agent.hookspecs import hookimpl
+from agent.item_neighbours import ItemNeighbours
 from agent.item_vectors import ItemVectors
 from agent.models import Event, Item
 from agent.pipeline import Pipeline
@@ -75,8 +76,10 @@ def ids(pipeline: Pipeline, cands: Candidates) -> list[str]:
     return [pipeline.catalog.ids[s] for s in cands.slots.tolist()]
 
 
-async def test_content_source_follows_the_users_taste_with_reasons(tmp_path: Path) -> None:
-    async with pipeline_on(tmp_path) as pipeline:
+@pytest.mark.parametrize("search", ["scan", "neighbours"])
+async def test_content_source_follows_the_users_taste_with_reasons(tmp_path: Path, search: str) -> None:
+    async with pipeline_on(tmp_path, plugins={"content": {"search": search, "neighbours": 4}}) as pipeline:
+        assert pipeline.pm.get_plugin("content").neighbours.ready == (search == "neighbours")
         for n, item in enumerate(["sw", "trek"]):
             await pipeline.apply_event(ev(n, "ann", item))
         found = await sources_for(pipeline, "ann")
@@ -232,6 +235,49 @@ def test_projected_search_agrees_with_exact_search() -> None:
     assert 7 not in slots.tolist() and np.all(np.diff(scores) <= 1e-6)
 
 
+def clustered_vectors(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # clustered like real text embeddings (topics), not isotropic noise
+    centres = rng.normal(size=(40, 384))
+    topic = rng.integers(0, 40, n)
+    matrix = (centres[topic] + 0.25 * rng.normal(size=(n, 384))).astype(np.float32)
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True), topic
+
+
+def test_neighbours_of_recent_items_hold_the_taste_vectors_nearest_items() -> None:
+    rng = np.random.default_rng(5)
+    matrix, topic = clustered_vectors(rng, 3_000)
+    vectors = ItemVectors(384)
+    vectors.set(list(range(3_000)), matrix, ["h"] * 3_000)
+    vectors.refit()
+    neighbours = ItemNeighbours()
+    neighbours.changed(list(range(3_000)))
+    assert neighbours.needs_build(vectors)
+    neighbours.start_build()
+    neighbours.install(neighbours.build(vectors))
+    assert neighbours.ready and not neighbours.needs_build(vectors)
+    assert 5 not in neighbours.table[5].tolist(), "an item is not its own neighbour"
+    allowed = np.ones(3_000, dtype=bool)
+    recalls = []
+    for _ in range(20):
+        # a user's recent items come from a topic or two
+        topics = rng.choice(40, 2, replace=False)
+        recent = rng.choice(np.flatnonzero(np.isin(topic, topics)), 5, replace=False).tolist()
+        taste = (np.array([0.9**age for age in range(5)])[:, None] * matrix[recent]).sum(axis=0)
+        taste /= np.linalg.norm(taste)
+        pool = neighbours.candidates(recent, vectors, allowed)
+        assert len(pool) <= 5 * neighbours.k and np.all(np.diff(pool) > 0)
+        exact = set(np.argsort(-(matrix @ taste))[:10].tolist())
+        recalls.append(len(exact & set(pool.tolist())) / 10)
+    # about 0.7 on the dev set's real histories (tests/bench/bench_stages.py shows the cost it saves)
+    assert np.mean(recalls) >= 0.7
+    # a newly embedded item is a candidate at once, before any rebuild
+    new, _ = clustered_vectors(rng, 1)
+    vectors.set([3_000], new, ["h"])
+    neighbours.changed([3_000])
+    assert 3_000 in neighbours.candidates([0], vectors, np.ones(3_001, dtype=bool)).tolist()
+    assert 3_000 not in neighbours.candidates([0], vectors, np.array([True] * 3_000 + [False])).tolist()
+
+
 async def test_pushes_shift_toward_the_genre_a_user_engages_with(settings: Settings, client: Client) -> None:
     genre_share: list[float] = []
     async with Agent(settings) as agent:
@@ -277,3 +323,9 @@ async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settin
         fusion.weights["long"] = {"trending": 0.25, "content_recent": 1.5}
     async with Agent(settings) as agent:
         assert agent.pm.get_plugin("fusion").weights["long"] == {"trending": 0.25, "content_recent": 1.5}
+
+
+async def test_an_unknown_content_search_mode_stops_the_start_with_its_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="search must be one of scan, neighbours, not 'fast'"):
+        async with pipeline_on(tmp_path, plugins={"content": {"search": "fast"}}):
+            pass  # entering is the test

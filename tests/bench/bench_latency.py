@@ -4,7 +4,7 @@
 
 Runs the agent as its own process on its embedded defaults (a data dir of its own), with the
 catalog embedded beforehand by ``recsys-agent catalog import`` (cached in the data dir across
-runs). A nats.py client publishes events at a fixed rate (open loop: the send schedule does not
+runs; the streams are emptied first). A nats.py client publishes events at a fixed rate (open loop: the send schedule does not
 wait for the agent) and a second subscription times every push; a coalesced push counts for
 every event it reflects. Prints medians and percentiles; the machine is shared, so compare runs
 made back to back.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,15 +48,15 @@ def percentile(values: list[float], q: float) -> float:
 async def main(args: argparse.Namespace) -> None:
     items = [orjson.loads(line) for line in open(args.items, encoding="utf-8")][: args.catalog]
     data_dir = Path(args.data_dir)
-    marker = data_dir / f"imported-{len(items)}"
-    if not marker.exists():
-        subset = data_dir / "items.jsonl"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        subset.write_bytes(b"\n".join(orjson.dumps(i) for i in items) + b"\n")
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "agent", "catalog", "import", str(subset), "--data-dir", str(data_dir), "--log-level", "WARNING"], check=True)
-        print(f"catalog import of {len(items)} items: {time.perf_counter() - started:.1f} s")
-        marker.touch()
+    # Every run starts from empty streams (a restart would first replay the earlier runs'
+    # events); Qdrant is kept, so the import finds the vectors and embeds nothing again.
+    shutil.rmtree(data_dir / "nats", ignore_errors=True)
+    subset = data_dir / "items.jsonl"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    subset.write_bytes(b"\n".join(orjson.dumps(i) for i in items) + b"\n")
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "agent", "catalog", "import", str(subset), "--data-dir", str(data_dir), "--log-level", "WARNING"], check=True)
+    print(f"catalog import of {len(items)} items: {time.perf_counter() - started:.1f} s")
     events = [orjson.loads(line) for line in open(args.events, encoding="utf-8")]
 
     process, nats_url, http_url = await start_agent(
@@ -86,12 +87,15 @@ async def main(args: argparse.Namespace) -> None:
             await nc.subscribe("recsys.recs.>", cb=on_push)
             await nc.flush()
 
+            # Ids unique to this run: the data dir (and its streams) persist between runs, and an
+            # id seen before is a duplicate, which gets no push.
+            run = os.urandom(4).hex()
             # latency at a fixed rate
             total = int(args.rate * args.seconds)
             start = time.perf_counter()
             for n in range(total):
                 source = events[n % len(events)]
-                event_id = f"lat-{n}"
+                event_id = f"lat-{run}-{n}"
                 body = {"id": event_id, "type": "view", "user_id": f"{source['user_id']}", "item_id": source["item_id"]}
                 due = start + n / args.rate
                 delay = due - time.perf_counter()
@@ -114,7 +118,7 @@ async def main(args: argparse.Namespace) -> None:
             count = args.ingest
             start = time.perf_counter()
             for n in range(count):
-                body = {"id": f"ing-{n}", "type": "view", "user_id": f"ingest-user-{n % args.users}", "item_id": items[(n * 7919) % len(items)]["id"]}
+                body = {"id": f"ing-{run}-{n}", "type": "view", "user_id": f"ingest-user-{n % args.users}", "item_id": items[(n * 7919) % len(items)]["id"]}
                 await nc.publish("recsys.events.view", orjson.dumps(body))
                 if n % 1000 == 0:
                     await nc.flush()
@@ -122,7 +126,7 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - start
             rss_after = rss_kib(process.pid)
-            last = {f"ing-{n}" for n in range(count - args.users, count)}
+            last = {f"ing-{run}-{n}" for n in range(count - args.users, count)}
             deadline = time.perf_counter() + 30
             while not last <= received.keys() and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
