@@ -61,6 +61,9 @@ class Settings:
     vector_cache_max_items: int = 500_000
     # how long JetStream waits for an ack before redelivering, and how often
     ack_wait_s: float = 30.0
+    # events JetStream may deliver before the first is acknowledged: enough that acks in
+    # flight never leave the agent idle at its full ingest rate
+    max_ack_pending: int = 4_096
     max_deliver: int = 5
     fetch_batch: int = 256
     default_k: int = 10
@@ -89,6 +92,7 @@ class Settings:
             ("qdrant_url", not self.qdrant_url or self.qdrant_url.startswith(("http://", "https://")), "must start with http:// or https://"),
             ("vector_cache_max_items", self.vector_cache_max_items >= 0, "must not be negative"),
             ("ack_wait_s", self.ack_wait_s >= 1, "must be at least 1 second"),
+            ("max_ack_pending", self.max_ack_pending >= 1, "must be at least 1"),
             ("max_deliver", self.max_deliver >= 1, "must be at least 1"),
             ("fetch_batch", 1 <= self.fetch_batch <= 10_000, "must be between 1 and 10000"),
             ("default_k", 1 <= self.default_k <= self.max_k, "must be between 1 and max_k"),

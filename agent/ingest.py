@@ -244,7 +244,7 @@ class Ingestor:
             stream=self.settings.stream_name,
             cb=self.on_event,
             manual_ack=True,
-            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=512),
+            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=self.settings.max_ack_pending),
         )
         try:
             yield

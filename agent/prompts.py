@@ -18,6 +18,7 @@ or what the agent does with it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -79,10 +80,18 @@ def _phone_or_years(match: re.Match[str]) -> str:
     return REDACTED
 
 
-def _clean(text: str, limit: int, user_id: str | None) -> str:
+@functools.lru_cache(maxsize=65_536)
+def _clean_text(text: str) -> str:
+    # The same titles come back for user after user: the regular expressions run once each.
     # Runs of angle brackets are removed so that no title can imitate the block markers.
-    text = " ".join(_ANGLES.sub(" ", _CONTROL.sub(" ", text)).split())
-    return redact(text, user_id=user_id)[:limit].rstrip()
+    return redact(" ".join(_ANGLES.sub(" ", _CONTROL.sub(" ", text)).split()))
+
+
+def _clean(text: str, limit: int, user_id: str | None) -> str:
+    cleaned = _clean_text(text)
+    if user_id and len(user_id) >= 3 and user_id.lower() in cleaned.lower():
+        cleaned = redact(cleaned, user_id=user_id)
+    return cleaned[:limit].rstrip()
 
 
 @dataclass(frozen=True, slots=True)

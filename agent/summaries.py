@@ -44,6 +44,7 @@ only ever reads ``user.extras["profile"]``; nothing here is awaited by it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
@@ -204,9 +205,11 @@ _STOPWORDS = frozenset(
 _WORD = re.compile(r"[^\W\d_][\w'-]{2,}")
 
 
-def _title_terms(title: str) -> set[str]:
+@functools.lru_cache(maxsize=65_536)
+def _title_terms(title: str) -> frozenset[str]:
+    # cached: the same titles recur in user after user's history
     title = re.sub(r"\(\d{4}\)", " ", title)
-    return {w.lower().strip("'-") for w in _WORD.findall(title)} - _STOPWORDS
+    return frozenset({w.lower().strip("'-") for w in _WORD.findall(title)} - _STOPWORDS)
 
 
 def _join(words: list[str]) -> str:

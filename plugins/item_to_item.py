@@ -43,11 +43,12 @@ class Row:
         self.slots = np.empty(8, dtype=np.int64)
         self.weights = np.empty(8, dtype=np.float64)
 
-    def add(self, neighbour: int, weight: float) -> None:
+    def add(self, neighbour: int, weight: float) -> int:
+        """Adds ``weight`` to the edge; returns how many neighbours the row has."""
         position = self.index.get(neighbour)
         if position is not None:
             self.weights[position] += weight
-            return
+            return len(self.index)
         position = len(self.index)
         if position == len(self.slots):
             self.slots = np.resize(self.slots, 2 * position)
@@ -55,6 +56,7 @@ class Row:
         self.index[neighbour] = position
         self.slots[position] = neighbour
         self.weights[position] = weight
+        return position + 1
 
     def prune(self, keep: int) -> None:
         size = len(self.index)
@@ -78,8 +80,7 @@ class Neighbours:
         row = self.edges.get(a)
         if row is None:
             row = self.edges[a] = Row()
-        row.add(b, weight)
-        if len(row) > 2 * self.max_neighbours:
+        if row.add(b, weight) > 2 * self.max_neighbours:
             row.prune(self.max_neighbours)
 
     def row(self, a: int) -> tuple[np.ndarray, np.ndarray] | None:
