@@ -40,8 +40,10 @@ class ItemVectors:
         self._basis: np.ndarray | None = None
         self._reduced = np.zeros((1024, max(self.reduced_dims, 1)), dtype=np.float32)
         self._fitted_on = 0
-        # slots set or removed since the current fit started (their reduced rows are redone)
+        # slots set or removed since the current fit started (their reduced rows are redone);
+        # recorded only while a fit runs
         self._changed: list[int] = []
+        self._fitting = False
         self.count = 0
         self.hashes: dict[int, str] = {}
 
@@ -61,7 +63,8 @@ class ItemVectors:
             self.hashes[slot] = content_hash
         if self._basis is not None:
             self._reduced[slots] = vectors @ self._basis
-        self._changed.extend(slots)
+        if self._fitting:
+            self._changed.extend(slots)
 
     def remove(self, slot: int) -> None:
         if self.has(slot):
@@ -69,7 +72,8 @@ class ItemVectors:
             self._matrix[slot] = 0.0
             self._reduced[slot] = 0.0
             self.count -= 1
-            self._changed.append(slot)
+            if self._fitting:
+                self._changed.append(slot)
         self.hashes.pop(slot, None)
 
     def has(self, slot: int) -> bool:
@@ -135,6 +139,11 @@ class ItemVectors:
 
     def start_fit(self) -> None:
         self._changed = []
+        self._fitting = True
+
+    def cancel_fit(self) -> None:
+        self._changed = []
+        self._fitting = False
 
     def install_projection(self, fitted: tuple[np.ndarray, np.ndarray, int]) -> None:
         basis, reduced, count = fitted
@@ -144,6 +153,7 @@ class ItemVectors:
             reduced[changed] = self._matrix[changed] @ basis
         self._basis, self._reduced, self._fitted_on = basis, reduced, count
         self._changed = []
+        self._fitting = False
 
     def search(self, query: np.ndarray, n: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` best slots by cosine (vectors are normalised) among ``allowed``, best first."""

@@ -81,16 +81,24 @@ def _phone_or_years(match: re.Match[str]) -> str:
 
 
 @functools.lru_cache(maxsize=65_536)
-def _clean_text(text: str) -> str:
-    # The same titles come back for user after user: the regular expressions run once each.
+def _normalised(text: str) -> str:
     # Runs of angle brackets are removed so that no title can imitate the block markers.
-    return redact(" ".join(_ANGLES.sub(" ", _CONTROL.sub(" ", text)).split()))
+    return " ".join(_ANGLES.sub(" ", _CONTROL.sub(" ", text)).split())
+
+
+@functools.lru_cache(maxsize=65_536)
+def _redacted(text: str) -> str:
+    # The same titles come back for user after user: the patterns run once per title.
+    return redact(text)
 
 
 def _clean(text: str, limit: int, user_id: str | None) -> str:
-    cleaned = _clean_text(text)
-    if user_id and len(user_id) >= 3 and user_id.lower() in cleaned.lower():
-        cleaned = redact(cleaned, user_id=user_id)
+    text = _normalised(text)
+    if user_id and len(user_id) >= 3 and user_id.lower() in text.lower():
+        # The user id goes first, before any pattern can eat part of it and leave the rest.
+        cleaned = redact(text, user_id=user_id)
+    else:
+        cleaned = _redacted(text)
     return cleaned[:limit].rstrip()
 
 

@@ -177,14 +177,25 @@ class ContentRetrieval:
             finally:
                 self._queue.task_done()
 
+    def _changed(self, slots: list[int]) -> None:
+        # only the neighbours mode keeps a table that must learn of new vectors
+        if self.search_mode == "neighbours":
+            self.neighbours.changed(slots)
+
     async def _project_if_grown(self) -> None:
         # The projection's SVD and the neighbour table take a second or two for 10k items:
         # never on the hot path.
         vectors, neighbours = self.vectors, self.neighbours
         if vectors is not None and vectors.needs_projection():
             vectors.start_fit()
-            vectors.install_projection(await in_daemon_thread(vectors.fit_projection))
-        if vectors is not None and self.search_mode == "neighbours" and neighbours.needs_build(vectors):
+            try:
+                fitted = await in_daemon_thread(vectors.fit_projection)
+            except BaseException:
+                vectors.cancel_fit()
+                raise
+            vectors.install_projection(fitted)
+        idle = self._queue.qsize() == 0
+        if vectors is not None and self.search_mode == "neighbours" and neighbours.needs_build(vectors, idle):
             neighbours.start_build()
             neighbours.install(await in_daemon_thread(neighbours.build, vectors))
 
@@ -221,7 +232,7 @@ class ContentRetrieval:
             stored = self._stored.pop(item.id, None)
             if stored is not None and stored[0] == digest:
                 self.vectors.set([slot], stored[1][None, :], [digest])
-                self.neighbours.changed([slot])
+                self._changed([slot])
                 continue
             todo.append((item, slot, text, digest))
         return todo
@@ -241,18 +252,19 @@ class ContentRetrieval:
                 vectors = await in_daemon_thread(self.embedder.encode, [text for _, _, text, _ in chunk])
                 payloads: list[dict[str, object]] = [{"title": item.title, "categories": list(item.categories)} for item, _, _, _ in chunk]
                 if writing is not None:
-                    await writing
+                    # shielded: a cancel must not look like the write's end while its thread runs
+                    await asyncio.shield(writing)
                 writing = asyncio.ensure_future(asyncio.to_thread(
                     self.store.upsert, [item.id for item, _, _, _ in chunk], vectors, [d for _, _, _, d in chunk], payloads
                 ))
                 # Serving from memory before Qdrant has the point is safe: if the agent stops
                 # first, the item has no stored vector and is embedded again at the next start.
                 self.vectors.set([slot for _, slot, _, _ in chunk], vectors, [d for _, _, _, d in chunk])
-                self.neighbours.changed([slot for _, slot, _, _ in chunk])
+                self._changed([slot for _, slot, _, _ in chunk])
                 progress.update(len(chunk))
                 self._metrics_gauge()
             if writing is not None:
-                await writing
+                await asyncio.shield(writing)
         finally:
             if writing is not None and not writing.done():
                 # stopping: the write in flight finishes before the store may be closed

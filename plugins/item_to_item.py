@@ -155,8 +155,9 @@ class ItemToItem:
         rows = [(age, anchor, row) for age, anchor, row in rows if row is not None]
         if not rows:
             return None
-        size = query.catalog.size
-        self.counts = grow(self.counts, size)
+        # the mask's length, not the catalog's: the catalog may grow while a query is answered
+        size = len(query.allowed())
+        self.counts = grow(self.counts, query.catalog.size)
         counts = self.counts
         lengths = [len(row[0]) for _, _, row in rows]
         anchor_scale = [(RECENCY**age) / math.sqrt(max(float(counts[anchor]), 1.0)) for age, anchor, _ in rows]
@@ -174,13 +175,21 @@ class ItemToItem:
         catalog = query.catalog
 
         def reason(slot: int) -> str:
-            # the recent item that contributed most names the reason; only the final list asks
-            strength = [(RECENCY**age) * neighbours.weight(anchor, slot) for age, anchor in enumerate(recent)]
-            return template.format(catalog.title(recent[strength.index(max(strength))]))
+            # the recent item that contributed most to the score names the reason; only the
+            # final list asks, so the weights are read again, as they are now
+            strength = [
+                (RECENCY**age) * neighbours.weight(anchor, slot) / math.sqrt(max(float(counts[anchor]), 1.0))
+                for age, anchor in enumerate(recent)
+            ]
+            strongest = max(strength)
+            return template.format(catalog.title(recent[strength.index(strongest)])) if strongest > 0 else ""
+
+        def score_of(wanted: np.ndarray) -> np.ndarray:
+            return np.where(wanted < size, totals[np.minimum(wanted, size - 1)], 0.0)
 
         return Candidates(
             source=source, slots=found[best], scores=best_scores, reasons=reason,
-            score_of=lambda wanted: totals[wanted],
+            score_of=score_of,
         )
 
     @hookimpl

@@ -99,7 +99,10 @@ class DecayedCounts:
         """The ``n`` best allowed slots with a positive score, from the head when it suffices."""
         chosen = first_allowed(self.order, n, allowed)
         if len(chosen) == n or len(self.head) < self.depth:
-            return chosen, self.scores[chosen]
+            scores = self.scores[chosen]
+            # scores that decayed below float range read as zero: not trending any more
+            keep = scores > 0
+            return chosen[keep], scores[keep]
         # the user has excluded most of the head: a full scan is exact
         scores = self.view(len(allowed))
         return top_slots(scores, n, allowed & (scores > 0))

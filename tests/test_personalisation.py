@@ -276,6 +276,12 @@ def test_neighbours_of_recent_items_hold_the_taste_vectors_nearest_items() -> No
     neighbours.changed([3_000])
     assert 3_000 in neighbours.candidates([0], vectors, np.ones(3_001, dtype=bool)).tolist()
     assert 3_000 not in neighbours.candidates([0], vectors, np.array([True] * 3_000 + [False])).tolist()
+    # and stays one while a rebuild runs, until the build that saw it is installed
+    neighbours.start_build()
+    built = neighbours.build(vectors)
+    assert 3_000 in neighbours.candidates([0], vectors, np.ones(3_001, dtype=bool)).tolist()
+    neighbours.install(built)
+    assert 3_000 not in neighbours.unindexed and len(neighbours.table) > 3_000 and neighbours.table[3_000, 0] >= 0
 
 
 async def test_pushes_shift_toward_the_genre_a_user_engages_with(settings: Settings, client: Client) -> None:
