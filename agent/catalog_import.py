@@ -20,7 +20,7 @@ import nats
 import orjson
 from tqdm import tqdm
 
-from agent.cli import _add_settings_flags, configure_logging, settings_from_args
+from agent.cli_settings import add_settings_flags, configure_logging, settings_from_args
 from agent.config import Settings
 from agent.ingest import ensure_streams
 from agent.models import InvalidMessage, Item, parse_item
@@ -90,7 +90,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="catalog_command", required=True)
     load = sub.add_parser("import", help="embed items.jsonl into Qdrant and publish it to the catalog stream")
     load.add_argument("items", type=Path, help="JSON lines of Items (the wire contract)")
-    _add_settings_flags(load)
+    add_settings_flags(load)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from agent.hookspecs import hookimpl
 from agent.item_neighbours import NEIGHBOURS, ItemNeighbours
 from agent.item_vectors import ItemVectors
 from agent.metrics import Metrics
-from agent.models import Event, Item
+from agent.models import Item
 from agent.ranking import Candidates, Query, top_slots
 from agent.signals import event_signal
 from agent.threads import in_daemon_thread, join_running
