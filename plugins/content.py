@@ -115,7 +115,10 @@ class ContentRetrieval:
         if sources is not None:
             self.enabled_sources = set(sources)
         self.search_mode = str(options.get("search", "scan"))
-        self.neighbours = ItemNeighbours(int(options.get("neighbours", NEIGHBOURS)))
+        neighbours = options.get("neighbours", NEIGHBOURS)
+        if not isinstance(neighbours, int) or isinstance(neighbours, bool) or neighbours < 1:
+            raise ValueError(f"[plugins.content] neighbours must be a whole number of at least 1, not {neighbours!r}")
+        self.neighbours = ItemNeighbours(neighbours)
         if self.search_mode not in SEARCH_MODES:
             raise ValueError(f"[plugins.content] search must be one of {', '.join(SEARCH_MODES)}, not {self.search_mode!r}")
         self.rating_max = ctx.settings.rating_max

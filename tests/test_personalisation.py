@@ -331,7 +331,13 @@ async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settin
         assert agent.pm.get_plugin("fusion").weights["long"] == {"trending": 0.25, "content_recent": 1.5}
 
 
-async def test_an_unknown_content_search_mode_stops_the_start_with_its_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="search must be one of scan, neighbours, not 'fast'"):
-        async with pipeline_on(tmp_path, plugins={"content": {"search": "fast"}}):
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"search": "fast"}, "search must be one of scan, neighbours, not 'fast'"),
+     ({"search": "neighbours", "neighbours": "32"}, "neighbours must be a whole number of at least 1, not '32'"),
+     ({"neighbours": 0}, "neighbours must be a whole number of at least 1, not 0")],
+)
+async def test_bad_content_options_stop_the_start_with_their_names(tmp_path: Path, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        async with pipeline_on(tmp_path, plugins={"content": options}):
             pass  # entering is the test
