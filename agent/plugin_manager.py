@@ -30,7 +30,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "exclude_seen": "plugins.rerankers:ExcludeSeen",
     "diversity": "plugins.rerankers:Diversity",
     "cross_encoder": "plugins.cross_encoder:CrossEncoderReranker",
-    "request_filters": "plugins.rerankers:RequestFilters",
     "nats_publisher": "plugins.nats_publisher:NatsPublisher",
     "summariser": "plugins.summariser:Summariser",
 }

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.catalog import Catalog
+from agent.signals import EVENT_SIGNAL
 from agent.state import UserState
 
 MAX_TITLE_CHARS = 120
@@ -44,7 +45,6 @@ EVENT_WORDS: dict[str, str] = {
     "dislike": "disliked",
     "skip": "skipped",
 }
-NEGATIVE_EVENTS = frozenset({"dislike", "skip"})
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 # A run of 7+ digits, possibly split by spaces, dots, dashes, slashes or brackets, with an
@@ -112,7 +112,7 @@ class HistoryEntry:
 
     @property
     def negative(self) -> bool:
-        return self.event in NEGATIVE_EVENTS
+        return EVENT_SIGNAL.get(self.event, 0.0) < 0
 
     def as_prompt(self, send_categories: bool) -> dict[str, object]:
         out: dict[str, object] = {"title": self.title, "event": EVENT_WORDS.get(self.event, "other")}

@@ -36,6 +36,7 @@ from agent.metrics import Metrics
 from agent.models import Item
 from agent.ranking import Candidates, Query, top_slots
 from agent.signals import event_signal
+from agent.summaries import profile_text
 from agent.threads import in_daemon_thread, join_running
 from agent.state import UserState
 from agent.vector_store import VectorStore
@@ -68,15 +69,6 @@ class Taste:
 class ProfileVector:
     text: str = ""
     vector: np.ndarray | None = None
-
-
-def profile_text(profile: dict[str, Any] | None) -> str:
-    if not profile:
-        return ""
-    interests = profile.get("interests") or []
-    summary = profile.get("summary") or ""
-    text = "; ".join(str(i) for i in interests if isinstance(i, str))
-    return f"{text}. {summary}".strip(". ") if isinstance(summary, str) else text
 
 
 class ContentRetrieval:

@@ -187,30 +187,27 @@ class LearnedFusion:
         sources = [c.source for c in candidates]
         names = [*sources, AGREEMENT]
         weights = self._weights(segment, names, [c.plugin for c in candidates] + [AGREEMENT])
-        proposals = np.concatenate([c.slots for c in candidates])
-        union = sorted_unique(proposals)
+        union = sorted_unique(np.concatenate([c.slots for c in candidates]))
+        # member[i, j]: source i proposed union item j
+        member = np.zeros((len(candidates), len(union)), dtype=bool)
         # one row per source, and a last one for how many sources agree on the item; rows
         # keep the statistics on contiguous memory
         raw = np.empty((len(names), len(union)))
         for row, c in enumerate(candidates):
             raw[row] = self._raw_scores(c, union)
-        raw[-1] = np.bincount(np.searchsorted(union, proposals), minlength=len(union))
+            member[row, np.searchsorted(union, c.slots)] = True
+        raw[-1] = member.sum(axis=0)
         features = self._standardised(raw)
         top, scores = top_slots(weights @ features, query.n_candidates)
         top_slots_ = union[top]
         # which source proposed each top item, strongest contribution first (for reasons)
-        mark = np.zeros(query.catalog.size, dtype=bool)
-        proposed = np.empty((len(candidates), len(top_slots_)), dtype=bool)
-        for row, c in enumerate(candidates):
-            mark[c.slots] = True
-            proposed[row] = mark[top_slots_]
-            mark[c.slots] = False
+        proposed = member[:, top]
         strength = np.where(proposed, features[:-1, top] * weights[:-1, None], -np.inf)
         # each item's proposing sources, strongest first: sorted by strength, the proposers
         # lead every column, so one gather and a slice per item give them
         order = np.argsort(-strength, axis=0, kind="stable").T
         by_strength = np.array(sources, dtype=object)[order].tolist()
-        counts = proposed.sum(axis=0).tolist()
+        counts = raw[-1, top].astype(int).tolist()
         ranked = [
             Scored(slot, score, [], names_[:count])
             for slot, score, names_, count in zip(top_slots_.tolist(), scores.tolist(), by_strength, counts, strict=True)

@@ -1,4 +1,4 @@
-"""Built-in rerankers: request filters, diversity and the never-show-seen safety net."""
+"""Built-in rerankers: diversity and the safety net that keeps only what a query allows."""
 
 from __future__ import annotations
 
@@ -13,32 +13,17 @@ from agent.ranking import Query, Scored
 
 
 class ExcludeSeen:
-    """Drops items the user already interacted with, excluded items and deleted items.
+    """Keeps only what the query allows: not seen by the user, not excluded by the request, not
+    deleted, in the requested categories (``Query.allowed``).
 
-    Sources are asked to leave these out already; this reranker guarantees it for any
+    Sources are asked to propose from that mask already; this reranker guarantees it for any
     third-party source that does not. It runs last in the chain.
     """
 
     @hookimpl(trylast=True)
     def recsys_rerank(self, query: Query, ranked: list[Scored]) -> list[Scored]:
-        active = query.catalog.active
-        return [s for s in ranked if s.slot not in query.exclude and s.slot < len(active) and active[s.slot]]
-
-
-class RequestFilters:
-    """Keeps only items in one of the requested categories, when the request names any."""
-
-    @hookimpl
-    def recsys_rerank(self, query: Query, ranked: list[Scored]) -> list[Scored] | None:
-        if not query.categories:
-            return None
-        wanted = set(query.categories)
-        kept = []
-        for entry in ranked:
-            item = query.catalog.item(entry.slot)
-            if item is not None and wanted.intersection(item.categories):
-                kept.append(entry)
-        return kept
+        allowed = query.allowed()
+        return [s for s in ranked if s.slot < len(allowed) and allowed[s.slot]]
 
 
 class Diversity:

@@ -150,10 +150,11 @@ class Summariser:
         profile = user.extras.get(PROFILE_KEY)
         return profile if isinstance(profile, dict) else None
 
-    @hookimpl
+    @hookimpl(trylast=True)
     def recsys_rerank(self, query: Query, ranked: list[Scored]) -> list[Scored] | None:
         """Explains items whose categories the profile names as interests ("matches your interest
-        in Sci-Fi"); never reorders or drops anything."""
+        in Sci-Fi"); never reorders or drops anything. It runs after the reordering rerankers
+        and explains only the top ``k``: the rest of the list is cut."""
         if not self.options.explain:
             return None
         profile = query.user.extras.get(PROFILE_KEY)
@@ -163,7 +164,7 @@ class Summariser:
         # Categories repeat across candidates (genres, departments): each is matched once per call.
         verdicts: dict[str, str | None] = {}
         catalog = query.catalog
-        for entry in ranked:
+        for entry in ranked[: query.k]:
             item = catalog.item(entry.slot)
             if item is None:
                 continue

@@ -123,6 +123,7 @@ class Trending:
 
     def __init__(self) -> None:
         self.counters: dict[str, DecayedCounts] = {}
+        self.rating_max = 10.0
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -138,13 +139,14 @@ class Trending:
             if not isinstance(half_life, (int, float)) or half_life <= 0:
                 raise ValueError(f"[plugins.trending] half_lives_s.{name} must be a positive number of seconds")
         self.counters = {name: DecayedCounts(float(h)) for name, h in half_lives.items()}
+        self.rating_max = ctx.settings.rating_max
         yield
 
     def _weight(self, event: Event) -> float:
         weight = EVENT_WEIGHTS.get(event.type, 0.0)
         if event.type == "rate" and event.value is not None:
             # A rating counts as an interaction whatever its value; high ratings a bit more.
-            weight = 1.0 + max(0.0, min(event.value, 10.0)) / 10.0
+            weight = 1.0 + max(0.0, min(event.value / self.rating_max, 1.0))
         return weight
 
     @hookimpl

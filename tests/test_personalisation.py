@@ -341,3 +341,13 @@ async def test_bad_content_options_stop_the_start_with_their_names(tmp_path: Pat
     with pytest.raises(ValueError, match=message):
         async with pipeline_on(tmp_path, plugins={"content": options}):
             pass  # entering is the test
+
+
+async def test_trending_weighs_a_top_rating_by_the_configured_scale(tmp_path: Path) -> None:
+    async with pipeline_on(tmp_path, rating_max=5.0) as pipeline:
+        await pipeline.apply_event(ev(0, "ann", "alien", kind="rate", value=5.0))
+        await pipeline.apply_event(ev(0, "bob", "dune", kind="view"))
+        scores = pipeline.pm.get_plugin("trending").counters["popular_month"].scores
+        alien, dune = pipeline.catalog.slot("alien"), pipeline.catalog.slot("dune")
+        # the top of a 5-point scale counts as much as the top of any scale: twice a view
+        assert scores[alien] / scores[dune] == pytest.approx(2.0)
