@@ -7,7 +7,6 @@ delivered message has been applied and settled and every owed push has been atte
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -22,7 +21,7 @@ from nats.aio.msg import Msg
 from agent.config import Settings
 from agent.disposition import Settler
 from agent.http_api import ApiState, serving
-from agent.ingest import Ingestor, ensure_streams
+from agent.ingest import DRAIN_TIMEOUT_S, Ingestor, drain_bounded, ensure_streams
 from agent.metrics import Metrics
 from agent.models import InvalidMessage, decode_json, parse_recommend_request
 from agent.nats_server import embedded_nats_server
@@ -33,7 +32,6 @@ from agent.pushes import PushScheduler
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "recsys-agent"
-DRAIN_TIMEOUT_S = 3
 
 
 @asynccontextmanager
@@ -153,6 +151,4 @@ class Agent:
         try:
             yield
         finally:
-            with suppress(Exception):
-                async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                    await sub.drain()
+            await drain_bounded(sub)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 REBUILD_IDLE_TIMEOUT_S = 5.0
 # a drain waits for messages already delivered to this agent; when the bus is gone it gives up
 DRAIN_TIMEOUT_S = 3.0
+
+
+async def drain_bounded(sub: Subscription) -> None:
+    """Drain a subscription, giving up after DRAIN_TIMEOUT_S (the bus may be gone)."""
+    with suppress(Exception):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await sub.drain()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +260,4 @@ class Ingestor:
             # Stop taking work; what is buffered here goes back to JetStream unacknowledged.
             self.stopping = True
             for sub in (events_sub, catalog_sub):
-                with suppress(Exception):
-                    async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                        await sub.drain()
+                await drain_bounded(sub)

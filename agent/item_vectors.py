@@ -183,6 +183,3 @@ class ItemVectors:
             order = np.argsort(-exact, kind="stable")[:n]
             out.append((shortlist[order], exact[order]))
         return out
-
-    def nbytes(self) -> int:
-        return int(self._matrix.nbytes + self._present.nbytes + self._reduced.nbytes)

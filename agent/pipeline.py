@@ -96,9 +96,9 @@ class Pipeline:
                 managers.append((plugin, manager))
         return managers
 
-    async def settle(self, timeout_s: float | None = None) -> None:
+    async def settle(self) -> None:
         """Wait for the plugins' background work (see ``recsys_settle``)."""
-        await self.hooks.call_all("recsys_settle", timeout_s=timeout_s or self.settings.catalog_timeout_s)
+        await self.hooks.call_all("recsys_settle", timeout_s=self.settings.catalog_timeout_s)
 
     def event_key(self, event: Event, seq: int) -> str:
         return f"id:{event.id}" if event.id is not None else f"seq:{seq}"

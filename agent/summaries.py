@@ -276,7 +276,6 @@ class CircuitBreaker:
         self.state = BreakerState.CLOSED
         self.failures = 0
         self.opened_at = 0.0
-        self.times_opened = 0
         self._trial = False
 
     def allow(self) -> bool:
@@ -300,7 +299,6 @@ class CircuitBreaker:
         self.failures += 1
         if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
             if self.state is not BreakerState.OPEN:
-                self.times_opened += 1
                 log.warning("LLM circuit breaker open after %d failures: heuristic summaries for %.0f s", self.failures, self.reset_s)
             self.state = BreakerState.OPEN
             self.opened_at = self.clock()

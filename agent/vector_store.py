@@ -88,14 +88,9 @@ class VectorStore:
             if offset is None:
                 return
 
-    def search(self, vector: np.ndarray, limit: int, exclude_ids: list[str] = ()) -> list[tuple[str, float]]:  # type: ignore[assignment]
+    def search(self, vector: np.ndarray, limit: int) -> list[tuple[str, float]]:
         """Nearest items by cosine, for catalogs too large to hold in memory."""
-        query_filter = None
-        if exclude_ids:
-            query_filter = models.Filter(must_not=[models.HasIdCondition(has_id=[point_id(i) for i in exclude_ids])])
-        response = self.client.query_points(
-            self.collection, query=vector.tolist(), limit=limit, query_filter=query_filter, with_payload=["item_id"]
-        )
+        response = self.client.query_points(self.collection, query=vector.tolist(), limit=limit, with_payload=["item_id"])
         return [(str((p.payload or {}).get("item_id")), float(p.score)) for p in response.points]
 
     def count(self) -> int:

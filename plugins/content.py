@@ -53,6 +53,7 @@ SEARCH_MODES = ("scan", "neighbours")
 EMBED_CHUNK = 256
 THREAD_JOIN_S = 2.0
 PROGRESS_FROM = 1_000
+PROFILE_REASON = "matches your interest profile"
 VERBS = {"view": "viewed", "click": "opened", "like": "liked", "add_to_cart": "added to your cart",
          "purchase": "bought", "rate": "rated"}
 
@@ -123,7 +124,6 @@ class ContentRetrieval:
         try:
             yield
         finally:
-            worker.cancel()
             for task in [worker, *self._tasks]:
                 task.cancel()
                 with suppress(asyncio.CancelledError):
@@ -342,10 +342,8 @@ class ContentRetrieval:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _reasons(self, taste: Taste, catalog: Catalog, source: str) -> str | Callable[[int], str]:
+    def _reasons(self, taste: Taste, catalog: Catalog) -> str | Callable[[int], str]:
         """The liked item most similar to a recommended one names the reason (computed lazily)."""
-        if source == "profile":
-            return "matches your interest profile"
         vectors = self.vectors
         assert vectors is not None
         liked = [(s, kind) for s, kind in taste.positives if vectors.has(s)]
@@ -371,12 +369,14 @@ class ContentRetrieval:
         if catalog.size > self.cache_max_items:
             return self._search_qdrant(query, taste, queries)
         found = self._search(query, taste, queries)
+        # both taste sources explain by the same liked items: one closure serves them
+        taste_reasons = self._reasons(taste, catalog)
         results = []
         for (source, vector), (slots, scores) in zip(queries, found, strict=True):
             if len(slots):
                 results.append(
                     Candidates(
-                        source, slots, scores, self._reasons(taste, catalog, source),
+                        source, slots, scores, PROFILE_REASON if source == "profile" else taste_reasons,
                         score_of=self.vectors.scorer(vector),
                     )
                 )
@@ -413,5 +413,5 @@ class ContentRetrieval:
             kept = [(s, sc) for s, sc in pairs if s is not None and s < len(allowed) and allowed[s]][: query.n_candidates]
             if kept:
                 slots = np.array([s for s, _ in kept], dtype=np.int64)
-                results.append(Candidates(source, slots, np.array([sc for _, sc in kept]), self._reasons(taste, catalog, source)))
+                results.append(Candidates(source, slots, np.array([sc for _, sc in kept]), PROFILE_REASON if source == "profile" else self._reasons(taste, catalog)))
         return results

@@ -202,9 +202,3 @@ class ItemToItem:
             self._score(query, recent, self.after, "transitions", "often chosen after {}"),
         ]
         return [c for c in found if c is not None]
-
-    def memory_bytes(self) -> int:
-        # a rough figure for reports: a dict entry costs about 100 bytes in CPython
-        entries = sum(len(r) for r in self.co.edges.values()) + sum(len(r) for r in self.after.edges.values())
-        return int(entries * 100 + self.counts.nbytes)
-

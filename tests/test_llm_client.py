@@ -30,6 +30,8 @@ from agent.models import Item
 from agent.prompts import BEGIN, END, HistoryEntry, build_messages, history_from_user, redact
 from agent.state import Interaction, UserState
 
+from .llm_server import free_port
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -86,12 +88,6 @@ def test_validation_keeps_exactly_the_schema_fields_within_bounds() -> None:
 def test_answers_of_the_wrong_shape_are_refused(raw: dict[str, Any]) -> None:
     with pytest.raises(LLMOutputError):
         validate_profile(raw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Replay:

@@ -276,4 +276,5 @@ async def test_profile_in_pushes_and_http_with_the_real_model(settings: Settings
         assert set(profile) == PROFILE_KEYS and profile["source"] == "llm" and profile["summary"]
     assert body["profile"]["based_on_events"] >= 3
     early = next(p for p in client.pushes if "z0" in (p.get("event_ids") or [p.get("event_id")]))
-    assert early.get("profile") is None or early["profile"]["source"] in {"llm", "heuristic"}
+    # the first push comes milliseconds after the first event: no LLM can have answered yet
+    assert early.get("profile") is None or early["profile"]["source"] == "heuristic"

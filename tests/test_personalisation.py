@@ -214,11 +214,8 @@ async def test_cross_encoder_rescoring_runs_on_a_real_model(tmp_path: Path) -> N
 
 
 def test_projected_search_agrees_with_exact_search() -> None:
-    rng = np.random.default_rng(3)
     # clustered like real text embeddings (topics), not isotropic noise, which no projection keeps
-    centres = rng.normal(size=(40, 384))
-    matrix = (centres[rng.integers(0, 40, 3_000)] + 0.25 * rng.normal(size=(3_000, 384))).astype(np.float32)
-    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix, _ = clustered_vectors(np.random.default_rng(3), 3_000)
     vectors = ItemVectors(384)
     vectors.set(list(range(3_000)), matrix, ["h"] * 3_000)
     assert vectors.needs_projection()
