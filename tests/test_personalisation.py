@@ -207,10 +207,21 @@ async def test_cross_encoder_rescoring_runs_on_a_real_model(tmp_path: Path) -> N
     # plumbing (thread, timeout, blend), not the quality of its order.
     options = {"cross_encoder": {"model": default_model_path(), "depth": 5, "weight": 1.0}}
     async with pipeline_on(tmp_path, plugins=options, stage_timeout_ms=10_000) as pipeline:
+        model = pipeline.pm.get_plugin("cross_encoder").model
+        scored: list[int] = []
+        predict = model.predict
+
+        def counting_predict(pairs: list[tuple[str, str]], *args: Any, **kwargs: Any) -> Any:
+            scored.append(len(pairs))
+            return predict(pairs, *args, **kwargs)
+
+        model.predict = counting_predict
         await pipeline.apply_event(ev(0, "di", "sw"))
         recs = await pipeline.recommend("di", 5)
         assert len(recs.items) == 5
-        assert pipeline.metrics.value("recsys_plugin_failures_total", plugin="cross_encoder", hook="recsys_rerank", kind="error") == 0
+        assert scored == [5], "the real model scored the head of the list once"
+        for kind in ("error", "timeout"):
+            assert pipeline.metrics.value("recsys_plugin_failures_total", plugin="cross_encoder", hook="recsys_rerank", kind=kind) == 0
 
 
 def test_projected_search_agrees_with_exact_search() -> None:
