@@ -126,58 +126,71 @@ _HINTS = get_type_hints(Settings)
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
 
 
-def _coerce(key: str, raw: Any, origin: str) -> Any:
-    kind = _HINTS[key]
-    where = f"config key '{key}' (from {origin})"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def coerce_option(where: str, kind: Any, raw: Any, *, parse_strings: bool = True) -> Any:
+    """``raw`` as a value of type ``kind``; else a ConfigError naming ``where``, the type and ``raw``.
+
+    ``parse_strings`` reads numbers, booleans and comma-separated lists out of strings, because
+    the environment and the command line only give text. Options that only ever come from TOML,
+    which has typed values (plugin tables), turn it off so that ``"2"`` is refused as an integer.
+    """
     try:
-        if kind is bool:
-            if isinstance(raw, bool):
-                return raw
-            if isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-                return raw.lower() in {"1", "true", "yes", "on"}
-            raise ValueError
-        if kind is int:
-            if isinstance(raw, bool):
-                raise ValueError
-            return int(raw) if isinstance(raw, (int, str)) else _fail()
-        if kind is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw) if isinstance(raw, (int, float, str)) else _fail()
-        if kind is str:
-            if not isinstance(raw, str):
-                raise ValueError
-            return raw
-        if kind is Path:
-            if not isinstance(raw, (str, Path)):
-                raise ValueError
-            return Path(raw).expanduser()
-        if kind == list[str]:
-            if isinstance(raw, str):
-                return [part.strip() for part in raw.split(",") if part.strip()]
-            if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
-                return list(raw)
-            raise ValueError
-        if kind == dict[str, dict[str, Any]]:
-            if isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values()):
-                return raw
-            raise ValueError
+        return _convert(kind, raw, parse_strings)
     except ValueError:
-        pass
-    raise ConfigError(f"{where} must be {_describe(kind)}, got {raw!r}")
+        raise ConfigError(f"{where} must be {_describe(kind)}, got {raw!r}") from None
 
 
-def _fail() -> Any:
+def _convert(kind: Any, raw: Any, parse_strings: bool) -> Any:
+    """The converted value; ValueError when ``raw`` is not one of ``kind``."""
+    text = raw.lower() if parse_strings and isinstance(raw, str) else None
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    elif kind is int:
+        # Python's bool is an int, but a config's true is never a number.
+        if (isinstance(raw, int) and not isinstance(raw, bool)) or text is not None:
+            return int(raw)
+    elif kind is float:
+        if (isinstance(raw, (int, float)) and not isinstance(raw, bool)) or text is not None:
+            return float(raw)
+    elif kind is str:
+        if isinstance(raw, str):
+            return raw
+    elif kind is Path:
+        if isinstance(raw, (str, Path)):
+            return Path(raw).expanduser()
+    elif kind == list[str]:
+        if text is not None:
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return list(raw)
+    elif kind == dict[str, dict[str, Any]]:
+        if isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values()):
+            return raw
+    else:
+        # A new option type must be taught here, not refused later as the user's mistake.
+        raise TypeError(f"no coercion to {kind!r}")
     raise ValueError
 
 
 def _describe(kind: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string", Path: "a path"}
     if kind in names:
         return names[kind]
     if kind == list[str]:
         return "a list of strings (comma-separated in the environment)"
     return "a table of plugin tables"
+
+
+def _coerce_setting(key: str, raw: Any, origin: str) -> Any:
+    return coerce_option(f"config key '{key}' (from {origin})", _HINTS[key], raw)
 
 
 def load_settings(
@@ -198,7 +211,7 @@ def load_settings(
         for key, raw in table.items():
             if key not in FIELD_NAMES:
                 raise ConfigError(f"config key '{key}' (from {config_file}) is not a known setting")
-            values[key] = _coerce(key, raw, str(config_file))
+            values[key] = _coerce_setting(key, raw, str(config_file))
     environ = os.environ if env is None else env
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
@@ -206,13 +219,13 @@ def load_settings(
         key = name[len(ENV_PREFIX):].lower()
         if key not in FIELD_NAMES or key == "plugins":
             raise ConfigError(f"environment variable {name} does not name a known setting")
-        values[key] = _coerce(key, raw, f"environment {name}")
+        values[key] = _coerce_setting(key, raw, f"environment {name}")
     for key, raw in (overrides or {}).items():
         if raw is None:
             continue
         if key not in FIELD_NAMES:
             raise ConfigError(f"config key '{key}' is not a known setting")
-        values[key] = _coerce(key, raw, "command line")
+        values[key] = _coerce_setting(key, raw, "command line")
     settings = Settings(**values)
     settings.validate()
     return settings

@@ -213,6 +213,8 @@ class ChatClient:
         self._session = aiohttp.ClientSession(
             headers=self._headers,
             connector=aiohttp.TCPConnector(limit=self._max_connections),
+            # A call's only timeout (the summariser's timeout_s): ``total`` bounds connecting and
+            # reading the whole answer, and surfaces as LLMTimeout in complete_json.
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
         )
         return self

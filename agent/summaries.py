@@ -34,11 +34,12 @@ one, and a user is never queued twice (coalescing). ``waiting`` + ``urgent`` tog
 (``max_tracked_users``); beyond that a user is tracked again at its next event. Memory is
 therefore bounded by the number of users, never by the number of events.
 
-Each LLM call runs under ``timeout_s``; retryable failures (connection, 5xx, timeout) are
-retried ``max_retries`` times with exponential backoff and jitter. ``breaker_failures``
-consecutive failures open a circuit breaker: for ``breaker_reset_s`` no call is made and the
-heuristic summariser answers; then one trial call decides whether it closes again. The fast path
-only ever reads ``user.extras["profile"]``; nothing here is awaited by it.
+Each LLM call runs under ``timeout_s``, the chat client's HTTP timeout (an ``LLMTimeout``).
+Retryable failures (connection, 5xx, timeout) are retried ``max_retries`` times with exponential
+backoff and jitter. ``breaker_failures`` consecutive failures open a circuit breaker: for
+``breaker_reset_s`` no call is made and the heuristic summariser answers; then one trial call
+decides whether it closes again. The fast path only ever reads ``user.extras["profile"]``;
+nothing here is awaited by it.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Protocol, get_type_hints
 
 from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram
 
-from agent.config import ConfigError
+from agent.config import ConfigError, coerce_option
 from agent.llm_client import (
     MAX_AVOID,
     MAX_INTERESTS,
@@ -66,7 +67,6 @@ from agent.llm_client import (
     ChatClient,
     Dialect,
     LLMError,
-    LLMTimeout,
     validate_profile,
 )
 from agent.prompts import REDACTED, HistoryEntry, build_messages
@@ -109,13 +109,14 @@ class SummaryOptions:
     @classmethod
     def parse(cls, raw: Mapping[str, Any], section: str = "plugins.summariser") -> SummaryOptions:
         """Typed, range-checked options; an unknown or bad option raises ConfigError naming it."""
-        known = {f.name: f for f in fields(cls)}
+        known = {f.name for f in fields(cls)}
+        kinds = get_type_hints(cls)
         values: dict[str, Any] = {}
         for key, value in raw.items():
             if key not in known:
                 raise ConfigError(f"[{section}] has no option '{key}' (known: {', '.join(sorted(known))})")
-            default = getattr(cls(), key)
-            values[key] = _coerce_option(section, key, value, type(default))
+            # Plugin options come from TOML only, typed already: "2" is not read as an integer.
+            values[key] = coerce_option(f"[{section}] option '{key}'", kinds[key], value, parse_strings=False)
         options = cls(**values)
         options._check(section)
         return options
@@ -152,25 +153,6 @@ class SummaryOptions:
         if not key:
             raise ConfigError(f"[{section}] option 'api_key_env' names {self.api_key_env}, which is not set or empty")
         return key
-
-
-def _coerce_option(section: str, key: str, value: Any, kind: type) -> Any:
-    where = f"[{section}] option '{key}'"
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- profiles
@@ -358,6 +340,8 @@ class ProfileSource(Protocol):
         ...
 
 
+# Bounds its own time and reports a timeout as LLMTimeout (llm_summariser's ChatClient does, with
+# ``timeout_s``): one timer per call, where the I/O is, so the scheduler adds none.
 LLMFunction = Callable[[list[HistoryEntry]], Awaitable[dict[str, Any]]]
 
 
@@ -610,7 +594,7 @@ class SummaryScheduler:
         return profile
 
     async def _ask_llm(self, entries: list[HistoryEntry]) -> dict[str, Any]:
-        """The LLM's fields, with timeout, retries and the breaker; the caller holds breaker.allow()."""
+        """The LLM's fields, with retries and the breaker; the caller holds breaker.allow()."""
         assert self.llm is not None
         attempts = 1 + self.options.max_retries
         for attempt in range(attempts):
@@ -618,12 +602,9 @@ class SummaryScheduler:
                 raise _BreakerOpen("the circuit breaker opened while retrying")
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self.options.timeout_s):
-                    result = await self.llm(entries)
-            except TimeoutError:
-                error: LLMError = LLMTimeout(f"no answer within {self.options.timeout_s:g} s")
+                result = await self.llm(entries)
             except LLMError as exc:
-                error = exc
+                error: LLMError = exc
             except asyncio.CancelledError:
                 self.breaker.abandon()
                 raise

@@ -30,7 +30,7 @@ from agent.models import Item
 from agent.prompts import BEGIN, END, HistoryEntry, build_messages, history_from_user, redact
 from agent.state import Interaction, UserState
 
-from .llm_server import free_port
+from .llm_server import free_port, serving
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -110,12 +110,8 @@ async def replay() -> AsyncIterator[tuple[Replay, str]]:
     server = Replay()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield server, f"http://127.0.0.1:{port}/v1"
-    await runner.cleanup()
+    async with serving(app) as url:
+        yield server, f"{url}/v1"
 
 
 def completion(content: str, finish: str = "stop") -> dict[str, Any]:

@@ -26,7 +26,7 @@ from agent.prompts import HistoryEntry, build_messages
 from agent.summaries import PROFILE_KEY, SummaryOptions, SummaryScheduler, llm_summariser
 
 from .conftest import Client
-from .llm_server import MODEL_ALIAS, LlamaServer, free_port, llama_server
+from .llm_server import MODEL_ALIAS, LlamaServer, llama_server, serving
 from .test_summaries import Users
 
 pytestmark = pytest.mark.llm
@@ -82,13 +82,9 @@ async def proxy(llama: LlamaServer) -> AsyncIterator[RecordingProxy]:
     recorder = RecordingProxy(llama.base_url)
     app = web.Application()
     app.router.add_route("*", "/v1/{tail:.*}", recorder.forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    recorder.url = f"http://127.0.0.1:{port}/v1"
-    yield recorder
-    await runner.cleanup()
+    async with serving(app) as url:
+        recorder.url = f"{url}/v1"
+        yield recorder
 
 
 def client_for(base_url: str, dialect: Dialect = Dialect.JSON_OBJECT_SCHEMA, **kwargs: Any) -> ChatClient:
@@ -150,8 +146,9 @@ async def test_truncated_output_is_a_failure_that_falls_back(llama: LlamaServer,
 async def test_timeout_is_retried_then_falls_back(llama: LlamaServer) -> None:
     users = Users()
     users.add_events("cy", 4)
-    async with client_for(llama.base_url) as client:
-        scheduler = scheduler_for(client, users, timeout_s=0.05, max_retries=1)
+    # The client's timeout is the call's only one (the summariser passes its timeout_s on).
+    async with client_for(llama.base_url, timeout_s=0.05) as client:
+        scheduler = scheduler_for(client, users, max_retries=1)
         profile = await scheduler.summarise_user("cy")
     assert profile is not None and profile["source"] == "heuristic"
     assert scheduler.counts["llm_timeout"] == 2

@@ -1,6 +1,6 @@
 """The slow-path scheduler's own logic, with a scripted LLM function (the real model is exercised
-in test_llm_integration.py): coalescing, bounds, fairness, timeouts, retries, the breaker, and
-the summariser plugin inside a pipeline."""
+in test_llm_integration.py): coalescing, bounds, fairness, retries, the breaker, and the
+summariser plugin inside a pipeline, where a real HTTP server that answers too late times out."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import deque
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from agent.config import ConfigError, load_settings
 from agent.llm_client import LLMOutputError, LLMRejected, LLMUnavailable
@@ -28,6 +29,8 @@ from agent.summaries import (
     heuristic_fields,
     profile_text,
 )
+
+from .llm_server import serving
 
 ANSWER = {"interests": ["space opera"], "avoid": [], "summary": "Likes space opera."}
 
@@ -203,14 +206,9 @@ async def test_retries_with_backoff_then_success_closes_nothing() -> None:
     assert scheduler.breaker.state is BreakerState.CLOSED and scheduler.counts["llm_unavailable"] == 2
 
 
-async def test_timeout_and_bad_output_fall_back_to_the_heuristic_without_useless_retries() -> None:
+async def test_bad_output_falls_back_to_the_heuristic_without_useless_retries() -> None:
     users = Users()
     users.add_events("dee", 3)
-    slow = SummaryScheduler(options(timeout_s=0.02, max_retries=1), users, ScriptedLLM(delay=1.0))
-    profile = await slow.summarise_user("dee")
-    assert profile is not None and profile["source"] == "heuristic"
-    assert slow.counts["llm_timeout"] == 2, "a timeout is retried"
-
     for error in (LLMOutputError("truncated"), LLMRejected("HTTP 400")):
         llm = ScriptedLLM(errors=[error])
         scheduler = SummaryScheduler(options(max_retries=3), users, llm)
@@ -302,7 +300,7 @@ def test_heuristic_profile_from_categories_terms_and_skips() -> None:
         ({"base_url": "http://x/v1"}, "option 'model' is required"),
         ({"timeout_s": 0}, "option 'timeout_s' must be positive"),
         ({"max_concurrency": "2"}, "option 'max_concurrency' must be an integer"),
-        ({"send_categories": "yes"}, "option 'send_categories' must be true or false"),
+        ({"send_categories": "yes"}, r"option 'send_categories' must be a boolean \(true or false\), got 'yes'"),
         ({"refresh_after_event": 3}, "has no option 'refresh_after_event'"),
     ],
 )
@@ -387,3 +385,33 @@ async def test_bad_plugin_options_stop_the_start_with_the_option_named() -> None
     with pytest.raises(ConfigError, match=r"\[plugins.summariser\] option 'max_retries'"):
         async with pipeline.running():
             pass  # entering is the test: the bad option must stop the start
+
+
+async def test_an_llm_answering_too_late_times_out_retries_and_the_heuristic_stands_in() -> None:
+    # A real server that holds every completion until it shuts down: only the chat client's
+    # timeout (the plugin's timeout_s) ends each call.
+    released = asyncio.Event()
+
+    async def answer_too_late(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.json_response({})
+
+    async def release(app: web.Application) -> None:
+        released.set()  # else the server's shutdown waits for the held handlers
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer_too_late)
+    app.on_shutdown.append(release)
+    async with serving(app) as url:
+        pipeline = await pipeline_with_summariser(base_url=f"{url}/v1", model="m", timeout_s=0.2, max_retries=1)
+        plugin = pipeline.pm.get_plugin("summariser")
+        async with pipeline.running():
+            await add_films(pipeline)
+            for i in range(2):
+                await pipeline.apply_event(Event(type="view", user_id="kim", ts=plugin.clock(), id=f"k{i}", item_id=f"m{i}"))
+            await until(lambda: plugin.scheduler.counts["summaries_heuristic"] == 2)
+            counts = plugin.scheduler.counts.copy()
+        profile = pipeline.users.get("kim").extras[PROFILE_KEY]  # type: ignore[union-attr]
+    assert counts["llm_timeout"] == 2 and counts["llm_ok"] == 0, "a timeout is retried, then given up"
+    # the stop-gap first profile, then the final one once the LLM gave up
+    assert profile["source"] == "heuristic" and profile["based_on_events"] == 2
