@@ -23,7 +23,8 @@ from tqdm import tqdm
 from agent.cli_settings import add_settings_flags, configure_logging, settings_from_args
 from agent.config import Settings
 from agent.ingest import ensure_streams
-from agent.models import InvalidMessage, Item, parse_item
+from agent.datasets import DatasetError, read_items
+from agent.models import Item
 from agent.nats_server import embedded_nats_server
 from agent.pipeline import Pipeline
 from agent.plugin_manager import get_plugin_manager
@@ -34,22 +35,7 @@ PUBLISH_BATCH = 256
 
 
 class CatalogImportError(ValueError):
-    """An items file or a store that the import cannot use; the text says which and why."""
-
-
-def read_items(path: Path) -> list[Item]:
-    items: list[Item] = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append(parse_item(orjson.loads(line)))
-            except orjson.JSONDecodeError as exc:
-                raise CatalogImportError(f"{path}:{number}: invalid JSON: {exc}") from None
-            except InvalidMessage as exc:
-                raise CatalogImportError(f"{path}:{number}: {exc}") from None
-    return items
+    """Items the import could not embed; the text says why."""
 
 
 async def embed_items(settings: Settings, items: list[Item]) -> float:
@@ -58,11 +44,9 @@ async def embed_items(settings: Settings, items: list[Item]) -> float:
     started = time.perf_counter()
     async with pipeline.running():
         await pipeline.upsert_items(items)
-        await pipeline.settle()
-        content = pipeline.pm.get_plugin("content")
-        failure = getattr(content, "failure", None)
-        if failure is not None:
-            raise CatalogImportError(f"content retrieval could not start: {failure}")
+        failures = await pipeline.settle()
+        if failures:
+            raise CatalogImportError("; ".join(failures))
     return time.perf_counter() - started
 
 
@@ -101,7 +85,7 @@ def run_command(args: argparse.Namespace) -> int:
         seconds = asyncio.run(embed_items(settings, items))
         print(f"embedded {len(items)} items in {seconds:.1f} s into Qdrant ({settings.qdrant_url or settings.data_dir / 'qdrant'})")
         asyncio.run(publish_items(settings, items))
-    except (CatalogImportError, OSError) as exc:
+    except (CatalogImportError, DatasetError, OSError) as exc:
         message = str(exc)
         if "already accessed by another instance" in message:
             message = "the data dir's Qdrant is in use by a running agent: stop it, or run both against --qdrant-url"

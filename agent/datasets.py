@@ -8,6 +8,7 @@ reason: they would be embedded as noise and are not needed to recommend.
 
 Every output line is one Item or one Event exactly as a client would publish it, so the
 converted files can be replayed offline (``recsys-agent replay``) or published to a live agent.
+Those commands read them back with :func:`read_jsonl` and :func:`read_items`.
 A malformed input line stops the conversion with a :class:`DatasetError` that names the file and
 the line: a silently skipped row would make every metric computed downstream unreproducible.
 """
@@ -20,10 +21,11 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from agent.models import Event, Item
+from agent.models import Event, InvalidMessage, Item, parse_item
 
 ITEMS_FILE = "items.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -182,6 +184,34 @@ def _natural(value: str) -> tuple[int, int, str]:
 def stream_order_key(event: Event) -> tuple[float, tuple[int, int, str], tuple[int, int, str]]:
     """Replay order: time, then user, then item."""
     return (event.ts, _natural(event.user_id), _natural(event.item_id or ""))
+
+
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, decoded value) for each non-blank line; a bad line names file and line."""
+    try:
+        raw_lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    records = []
+    for number, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            records.append((number, orjson.loads(raw)))
+        except orjson.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{number}: invalid JSON: {exc}") from None
+    return records
+
+
+def read_items(path: Path) -> list[Item]:
+    """The Items of a JSON-lines file (``items.jsonl``), in file order."""
+    items = []
+    for number, obj in read_jsonl(path):
+        try:
+            items.append(parse_item(obj))
+        except InvalidMessage as exc:
+            raise DatasetError(f"{path}:{number}: invalid item: {exc}") from None
+    return items
 
 
 def write_dataset(dataset: Dataset, out_dir: Path) -> tuple[Path, Path]:

@@ -54,6 +54,12 @@ def recsys_settle() -> Any:
     All implementations are called. Background work is what a plugin does off the hot path
     (embedding new items, loading a model). The live agent never waits on it; batch tools
     (replay, catalog import) and tests do, through ``Pipeline.settle()``.
+
+    The awaitable's result is None when the plugin can do that work, or a short text saying
+    why it cannot (say, its model did not load): ``Pipeline.settle()`` returns those texts, and
+    a batch tool whose output would be wrong without the work (catalog import) stops on them.
+    Report such a failure by returning it, not by raising: an exception or a timeout here is
+    only logged and skipped, as in every hook.
     """
 
 

@@ -96,9 +96,11 @@ class Pipeline:
                 managers.append((plugin, manager))
         return managers
 
-    async def settle(self) -> None:
-        """Wait for the plugins' background work (see ``recsys_settle``)."""
-        await self.hooks.call_all("recsys_settle", timeout_s=self.settings.catalog_timeout_s)
+    async def settle(self) -> list[str]:
+        """Wait for the plugins' background work; returns the failures they report, each naming
+        its plugin (see ``recsys_settle``)."""
+        answers = await self.hooks.call_all("recsys_settle", timeout_s=self.settings.catalog_timeout_s)
+        return [f"{failure} (plugin {plugin})" for plugin, failure in answers]
 
     def event_key(self, event: Event, seq: int) -> str:
         return f"id:{event.id}" if event.id is not None else f"seq:{seq}"

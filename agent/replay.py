@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import cProfile
 import io
-import logging
 import math
 import pstats
 import sys
@@ -56,9 +55,10 @@ from agent.baselines import (
     InlineBaselines,
     StreamArrays,
 )
-from agent.config import ConfigError, load_settings
-from agent.datasets import DatasetError, stream_order_key
-from agent.models import Event, InvalidMessage, Item, parse_event, parse_item
+from agent.cli_settings import add_pipeline_flags, configure_logging, settings_from_args
+from agent.config import ConfigError, Settings
+from agent.datasets import DatasetError, read_items, read_jsonl, stream_order_key
+from agent.models import Event, InvalidMessage, Item, parse_event
 from agent.pipeline import ApplyOutcome, Pipeline
 from agent.plugin_manager import get_plugin_manager
 
@@ -72,38 +72,11 @@ YIELD_EVERY = 16
 # -- input -----------------------------------------------------------------------------------
 
 
-def _jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, decoded value) for each non-blank line; a bad line names file and line."""
-    try:
-        raw_lines = path.read_bytes().split(b"\n")
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    records = []
-    for number, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            records.append((number, orjson.loads(raw)))
-        except orjson.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{number}: invalid JSON: {exc}") from None
-    return records
-
-
-def load_items(path: Path) -> list[Item]:
-    items = []
-    for number, obj in _jsonl(path):
-        try:
-            items.append(parse_item(obj))
-        except InvalidMessage as exc:
-            raise DatasetError(f"{path}:{number}: invalid item: {exc}") from None
-    return items
-
-
 def load_events(path: Path) -> list[Event]:
     """Events from ``path`` in replay order. Every event needs a timestamp: without one there is
     no order to replay."""
     events = []
-    for number, obj in _jsonl(path):
+    for number, obj in read_jsonl(path):
         if isinstance(obj, dict) and obj.get("ts") is None:
             raise DatasetError(f"{path}:{number}: invalid event: missing field 'ts' (needed to replay in time order)")
         try:
@@ -655,10 +628,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="item-kNN: cosine-normalised co-occurrence (default) or raw counts")
     parser.add_argument("--inline-baselines", action="store_true",
                         help="run the baselines in the event loop's process (default: a second process beside it)")
-    parser.add_argument("--config", type=Path, help="TOML settings file, as for 'run'")
-    parser.add_argument("--data-dir", type=Path,
-                        help="plugin data directory (default: a temporary one; reuse one to keep item embeddings)")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    # Only the pipeline's settings: the replay runs in-process, with no NATS and no HTTP API.
+    add_pipeline_flags(parser, log_level="WARNING",
+                       data_dir_help="plugin data directory (default: a temporary one; reuse one to keep item embeddings)")
     parser.add_argument("--profile", action="store_true",
                         help="run the event loop under cProfile and print where the time goes (slows it down)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -682,10 +654,9 @@ def _options(args: argparse.Namespace) -> ReplayOptions:
                          baselines_process=not args.inline_baselines, progress=not args.no_progress)
 
 
-async def _run_replay(args: argparse.Namespace, options: ReplayOptions, items: list[Item], events: list[Event], data_dir: Path) -> tuple[ReplayResult, cProfile.Profile | None]:
-    settings = load_settings(args.config, overrides={"data_dir": str(data_dir), "log_level": args.log_level})
+async def _run_replay(settings: Settings, options: ReplayOptions, items: list[Item], events: list[Event], profiled: bool) -> tuple[ReplayResult, cProfile.Profile | None]:
     pipeline = Pipeline(settings, get_plugin_manager(settings))
-    profile = cProfile.Profile() if args.profile else None
+    profile = cProfile.Profile() if profiled else None
     async with pipeline.running():
         result = await replay(pipeline, items, events, options, profiler=profile)
     return result, profile
@@ -694,16 +665,19 @@ async def _run_replay(args: argparse.Namespace, options: ReplayOptions, items: l
 def run_command(args: argparse.Namespace) -> int:
     try:
         options = _options(args)
-        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        started = time.perf_counter()
-        items = load_items(args.items)
-        events = select_events(load_events(args.events), sample_users=args.sample_users, limit=args.limit)
-        load_s = time.perf_counter() - started
-        print(f"loaded {len(items):,} items and {len(events):,} events in {load_s:.1f} s", file=sys.stderr)
-        if not events:
-            raise DatasetError(f"{args.events}: no events to replay")
         with tempfile.TemporaryDirectory(prefix="recsys-replay-") as scratch:
-            result, profile = asyncio.run(_run_replay(args, options, items, events, args.data_dir or Path(scratch)))
+            # Not the data dir of the settings file or environment: that is the agent's, whose
+            # local Qdrant store a running agent holds. A replay starts empty unless --data-dir.
+            settings = settings_from_args(args, defaults={"data_dir": scratch})
+            configure_logging(settings.log_level)
+            started = time.perf_counter()
+            items = read_items(args.items)
+            events = select_events(load_events(args.events), sample_users=args.sample_users, limit=args.limit)
+            load_s = time.perf_counter() - started
+            print(f"loaded {len(items):,} items and {len(events):,} events in {load_s:.1f} s", file=sys.stderr)
+            if not events:
+                raise DatasetError(f"{args.events}: no events to replay")
+            result, profile = asyncio.run(_run_replay(settings, options, items, events, args.profile))
     except (DatasetError, ValueError, ConfigError) as exc:
         print(f"recsys-agent replay: {exc}", file=sys.stderr)
         return 2

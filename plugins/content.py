@@ -94,7 +94,8 @@ class ContentRetrieval:
         self._profiles: dict[str, ProfileVector] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._catalog: Catalog | None = None
-        self.failure: BaseException | None = None
+        # why the model or Qdrant could not be opened, for recsys_settle to report
+        self._failure: str | None = None
         self._metrics: Metrics | None = None
 
     @hookimpl
@@ -154,7 +155,7 @@ class ContentRetrieval:
             await self._open(ctx)
         except Exception as exc:
             # Degrade, do not die: the other sources keep serving; the failure is reported.
-            self.failure = exc
+            self._failure = f"content retrieval could not start: {exc}"
             log.exception("content retrieval unavailable")
             self._ready.set()
             while True:
@@ -198,9 +199,10 @@ class ContentRetrieval:
     def recsys_settle(self) -> Any:
         return self._settled()
 
-    async def _settled(self) -> None:
+    async def _settled(self) -> str | None:
         await self._ready.wait()
         await self._queue.join()
+        return self._failure
 
     # -- catalog -------------------------------------------------------------------------------
 

@@ -7,9 +7,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+import plugins.content
 from agent.app import Agent
-from agent.catalog_import import CatalogImportError, embed_items, publish_items, read_items
-from agent.config import Settings
+from agent.catalog_import import CatalogImportError, embed_items, publish_items
+from agent.cli import main
+from agent.config import Settings, load_settings
+from agent.datasets import DatasetError, read_items
 from agent.vector_store import VectorStore
 
 
@@ -36,8 +39,22 @@ async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(settin
     assert embed_calls == []
 
 
-def test_bad_line_names_file_and_line(tmp_path: Path) -> None:
+def test_bad_line_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     items_file = tmp_path / "items.jsonl"
     items_file.write_text('{"id": "a", "title": "A"}\n{"id": "b"}\n')
-    with pytest.raises(CatalogImportError, match=r"items.jsonl:2: missing field 'title'"):
+    with pytest.raises(DatasetError, match=r"items.jsonl:2: invalid item: missing field 'title'"):
         read_items(items_file)
+    assert main(["catalog", "import", str(items_file), "--data-dir", str(tmp_path)]) == 1
+    assert f"{items_file}:2: invalid item: missing field 'title'" in capsys.readouterr().err
+
+
+async def test_import_stops_when_content_retrieval_reports_it_could_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_model(name: str, device: str) -> None:
+        raise RuntimeError("no such model")
+
+    monkeypatch.setattr(plugins.content, "shared_embedder", no_model)
+    items_file = tmp_path / "items.jsonl"
+    write_items(items_file, 3)
+    settings = load_settings(env={}, overrides={"data_dir": str(tmp_path), "load_entry_points": False})
+    with pytest.raises(CatalogImportError, match=r"content retrieval could not start: no such model \(plugin content\)"):
+        await embed_items(settings, read_items(items_file))

@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from agent.baselines import DAY_S, ItemKNN, Popularity, rank_of
-from agent.cli import main
+from agent.cli import build_parser, extra_commands, main
+from agent.cli_settings import settings_from_args
 from agent.config import load_settings
 from agent.datasets import DatasetError
 from agent.hookspecs import hookimpl
@@ -195,11 +196,10 @@ def test_item_knn_counts_cooccurrence_within_the_window_only() -> None:
 async def test_the_live_plugin_set_replays_a_converted_dataset(tmp_path: Path) -> None:
     # The agent's own plugins (the embedding source aside: it loads a model, too slow for a
     # unit test). The figures depend on the plugins; the harness must hold whatever they are.
-    from agent.datasets import convert
-    from agent.replay import load_items
+    from agent.datasets import convert, read_items
 
     convert("movielens", FIXTURES / "movielens-100k-mini", tmp_path / "ml")
-    items, events = load_items(tmp_path / "ml" / "items.jsonl"), load_events(tmp_path / "ml" / "events.jsonl")
+    items, events = read_items(tmp_path / "ml" / "items.jsonl"), load_events(tmp_path / "ml" / "events.jsonl")
     settings = load_settings(env={}, overrides={"load_entry_points": False, "data_dir": str(tmp_path), "disabled_plugins": ["content"]})
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     async with pipeline.running():
@@ -269,6 +269,24 @@ def test_replay_command_reports_bad_input_without_a_traceback(tmp_path: Path, ca
     assert "Traceback" not in err
     assert main(["replay", "--items", str(items), "--events", str(events), "--baselines", "nope", "--no-progress"]) == 2
     assert "unknown baseline(s) nope" in capsys.readouterr().err
+
+
+def test_replay_takes_the_pipeline_settings_but_not_the_agent_data_dir_or_log_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = build_parser(extra_commands())
+    files = ["replay", "--items", "items.jsonl", "--events", "events.jsonl"]
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path / "agent"))
+    monkeypatch.setenv("RECSYS_LOG_LEVEL", "DEBUG")
+    scratch = {"data_dir": str(tmp_path / "scratch")}
+    settings = settings_from_args(parser.parse_args([*files, "--embedding-model", "some-model"]), defaults=scratch)
+    assert settings.data_dir == tmp_path / "scratch" and settings.log_level == "WARNING"
+    assert settings.embedding_model == "some-model"
+    flags = [*files, "--data-dir", str(tmp_path / "kept"), "--log-level", "INFO"]
+    settings = settings_from_args(parser.parse_args(flags), defaults=scratch)
+    assert settings.data_dir == tmp_path / "kept" and settings.log_level == "INFO"
+    # an in-process replay has no NATS and no HTTP API to configure
+    for flag in ("--nats-url", "--http-port"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*files, flag, "1"])
 
 
 def test_profile_charges_library_time_to_the_project_function_that_called_it() -> None:

@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 from agent.config import load_settings
+from agent.datasets import read_items
 from agent.pipeline import Pipeline
 from agent.plugin_manager import get_plugin_manager
-from agent.replay import load_catalog, load_events, load_items
+from agent.replay import load_catalog, load_events
 
 
 async def main(args: argparse.Namespace) -> None:
-    items = load_items(Path(args.items))
+    items = read_items(Path(args.items))
     events = load_events(Path(args.events))[: args.warmup + args.measure]
     settings = load_settings(args.config, overrides={"data_dir": args.data_dir, "log_level": "WARNING"})
     pipeline = Pipeline(settings, get_plugin_manager(settings))
