@@ -22,6 +22,7 @@ from agent.hooks import HookRunner
 from agent.metrics import Metrics
 from agent.models import Event, InvalidMessage, Item, RecommendedItem, Recommendations
 from agent.ranking import Candidates, Query, Scored
+from agent.signals import event_signal
 from agent.state import Deduplicator, Interaction, UserState, UserStore
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ class Pipeline:
         assert event.item_id is not None
         slot = self.catalog.ensure_slot(event.item_id)
         user = self.users.get_or_create(event.user_id)
-        user.recent.append(Interaction(slot=slot, type=event.type, ts=event.ts, value=event.value))
+        signal = event_signal(event.type, event.value, self.settings.rating_max)
+        user.recent.append(Interaction(slot=slot, type=event.type, ts=event.ts, signal=signal, value=event.value))
         user.seen.add(slot)
         user.event_count += 1
         user.last_ts = max(user.last_ts, event.ts)

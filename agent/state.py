@@ -11,6 +11,8 @@ class Interaction:
     slot: int
     type: str
     ts: float
+    # the event's taste signal (agent/signals.py), computed once when the event is applied
+    signal: float
     value: float | None = None
 
 
@@ -24,6 +26,20 @@ class UserState:
     last_ts: float = 0.0
     # free space for plugins, keyed by plugin name, so forgetting a user drops it too
     extras: dict[str, object] = field(default_factory=dict)
+
+    def recent_positive(self, limit: int, *, skip_last: bool = False) -> list[int]:
+        """Distinct slots of the user's latest positive interactions, newest first, at most
+        ``limit``; ``skip_last`` leaves out the newest interaction (the event being applied)."""
+        out: list[int] = []
+        history = reversed(self.recent)
+        if skip_last:
+            next(history, None)
+        for interaction in history:
+            if interaction.signal > 0 and interaction.slot not in out:
+                out.append(interaction.slot)
+                if len(out) >= limit:
+                    break
+        return out
 
 
 class UserStore:

@@ -35,7 +35,6 @@ from agent.item_vectors import ItemVectors
 from agent.metrics import Metrics
 from agent.models import Item
 from agent.ranking import Candidates, Query, top_slots
-from agent.signals import event_signal
 from agent.summaries import profile_text
 from agent.threads import in_daemon_thread, join_running
 from agent.state import UserState
@@ -84,7 +83,6 @@ class ContentRetrieval:
         self.vectors: ItemVectors | None = None
         self.neighbours = ItemNeighbours()
         self.search_mode = "scan"
-        self.rating_max = 10.0
         self.cache_max_items = 500_000
         self.enabled_sources = {"content_recent", "content_long", "profile"}
         # vectors found in Qdrant at start, waiting for their item to be upserted again
@@ -115,7 +113,6 @@ class ContentRetrieval:
         self.neighbours = ItemNeighbours(neighbours)
         if self.search_mode not in SEARCH_MODES:
             raise ValueError(f"[plugins.content] search must be one of {', '.join(SEARCH_MODES)}, not {self.search_mode!r}")
-        self.rating_max = ctx.settings.rating_max
         self.cache_max_items = ctx.settings.vector_cache_max_items
         self._catalog = ctx.catalog
         self._metrics = ctx.metrics
@@ -290,7 +287,7 @@ class ContentRetrieval:
         if not present.any():
             return None
         history = [i for i, ok in zip(recent, present.tolist(), strict=True) if ok]
-        signals = np.array([event_signal(i.type, i.value, self.rating_max) for i in history])
+        signals = np.fromiter((i.signal for i in history), dtype=np.float64, count=len(history))
         ages = np.arange(len(history) - 1, -1, -1)
         rows = vectors.rows(slots[present])
         short = (signals * SHORT_DECAY**ages) @ rows

@@ -21,7 +21,6 @@ from agent.context import AgentContext
 from agent.embeddings import item_text
 from agent.hookspecs import hookimpl
 from agent.ranking import Query, Scored
-from agent.signals import event_signal
 
 DEFAULT_DEPTH = 20
 QUERY_ITEMS = 5
@@ -35,7 +34,6 @@ class CrossEncoderReranker:
         self.model: Any = None
         self.depth = DEFAULT_DEPTH
         self.weight = 0.5
-        self.rating_max = 10.0
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -47,7 +45,6 @@ class CrossEncoderReranker:
         name = options.get("model")
         self.depth = int(options.get("depth", DEFAULT_DEPTH))
         self.weight = float(options.get("weight", 0.5))
-        self.rating_max = ctx.settings.rating_max
         if name:
             if not 0 <= self.weight <= 1 or self.depth < 2:
                 raise ValueError("[plugins.cross_encoder] weight must be in [0, 1] and depth at least 2")
@@ -61,13 +58,7 @@ class CrossEncoderReranker:
             self.model = None
 
     def _user_text(self, query: Query) -> str:
-        titles = []
-        for interaction in reversed(query.user.recent):
-            if event_signal(interaction.type, interaction.value, self.rating_max) > 0:
-                titles.append(query.catalog.title(interaction.slot))
-            if len(titles) >= QUERY_ITEMS:
-                break
-        return "; ".join(titles)
+        return "; ".join(query.catalog.title(slot) for slot in query.user.recent_positive(QUERY_ITEMS))
 
     @hookimpl
     def recsys_rerank(self, query: Query, ranked: list[Scored]) -> Any:

@@ -122,26 +122,13 @@ class ItemToItem:
         self.co.max_neighbours = self.after.max_neighbours = max_neighbours
         yield
 
-    def _recent_positive(self, user: UserState, limit: int, skip_last: bool) -> list[int]:
-        """Distinct slots of the user's recent positive interactions, newest first."""
-        out: list[int] = []
-        history = list(user.recent)
-        if skip_last and history:
-            history.pop()
-        for interaction in reversed(history):
-            if event_signal(interaction.type, interaction.value, self.rating_max) > 0 and interaction.slot not in out:
-                out.append(interaction.slot)
-                if len(out) >= limit:
-                    break
-        return out
-
     @hookimpl
     def recsys_apply_event(self, event: Event, user: UserState, slot: int) -> None:
         if event_signal(event.type, event.value, self.rating_max) <= 0:
             return
         self.counts = grow(self.counts, slot + 1)
         self.counts[slot] += 1.0
-        previous = self._recent_positive(user, self.window, skip_last=True)
+        previous = user.recent_positive(self.window, skip_last=True)
         for distance, other in enumerate(previous, start=1):
             if other == slot:
                 continue
@@ -194,7 +181,7 @@ class ItemToItem:
 
     @hookimpl
     def recsys_candidates(self, query: Query) -> list[Candidates]:
-        recent = self._recent_positive(query.user, QUERY_ITEMS, skip_last=False)
+        recent = query.user.recent_positive(QUERY_ITEMS)
         if not recent:
             return []
         found = [

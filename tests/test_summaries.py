@@ -45,7 +45,7 @@ class Users:
     def add_events(self, user_id: str, n: int = 1) -> int:
         user = self.users.setdefault(user_id, UserState(user_id=user_id, recent=deque(maxlen=50)))
         for _ in range(n):
-            user.recent.append(Interaction(slot=0, type="view", ts=0.0))
+            user.recent.append(Interaction(slot=0, type="view", ts=0.0, signal=1.0))
             user.event_count += 1
         return self.unsummarised(user_id)
 

@@ -115,7 +115,7 @@ class SyntheticUsers:
 
     def add(self, user_id: str, slot: int) -> int:
         user = self.users.setdefault(user_id, UserState(user_id=user_id, recent=deque(maxlen=50)))
-        user.recent.append(Interaction(slot=slot, type="view", ts=time.time()))
+        user.recent.append(Interaction(slot=slot, type="view", ts=time.time(), signal=1.0))
         user.event_count += 1
         return self.unsummarised(user_id)
 
@@ -260,7 +260,7 @@ async def hooks(n: int) -> None:
         for i in range(n):
             user = users.get_or_create(f"u{rng.randrange(5000)}")
             slot = rng.randrange(catalog.size)
-            user.recent.append(Interaction(slot=slot, type="view", ts=time.time()))
+            user.recent.append(Interaction(slot=slot, type="view", ts=time.time(), signal=1.0))
             user.event_count += 1
             events.append((Event(type="view", user_id=user.user_id, ts=time.time(), item_id=catalog.ids[slot]), user, slot))
         started = time.perf_counter()
