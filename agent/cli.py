@@ -8,6 +8,9 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+from threadpoolctl import threadpool_limits
 
 from agent.cli_settings import add_settings_flags, configure_logging, settings_from_args
 from agent.config import ConfigError, Settings
@@ -62,11 +65,31 @@ def extra_commands() -> dict[str, Command]:
     }
 
 
+def limit_blas_threads() -> AbstractContextManager[object]:
+    """Limit the BLAS library behind numpy to one thread, for the whole process.
+
+    The hot path's matrix products are small (a query against a few hundred candidate rows):
+    with several BLAS threads the hand-off costs more than the product, and the threads compete
+    with the event loop for the cores. The setting is process-wide (a library's global), so it
+    is made here, where every command's process starts (the agent, replay, catalog import),
+    not by a plugin. Sentence-transformers encodes in torch, whose threads are its own
+    (``torch.set_num_threads``): embedding is not limited by this.
+
+    Returned as a context manager that restores the previous limits, for callers that run a
+    command inside a longer-lived process (the tests).
+    """
+    # threadpoolctl limits only the libraries already loaded: numpy's BLAS must be among them
+    import numpy  # noqa: F401
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(extra_commands())
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        with limit_blas_threads():
+            return int(args.handler(args))
     except ConfigError as exc:
         print(f"recsys-agent: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from agent.catalog import Catalog
@@ -116,8 +115,6 @@ class ContentRetrieval:
         self.cache_max_items = ctx.settings.vector_cache_max_items
         self._catalog = ctx.catalog
         self._metrics = ctx.metrics
-        # Small numpy products on the hot path: BLAS threads only add hand-off latency.
-        limiter = threadpool_limits(1, user_api="blas")
         worker = asyncio.create_task(self._work(ctx), name="content-embedding")
         try:
             yield
@@ -126,7 +123,6 @@ class ContentRetrieval:
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
-            limiter.restore_original_limits()
             # an embedding in flight finishes (bounded) before the process may exit under it
             await asyncio.to_thread(join_running, THREAD_JOIN_S)
             ctx.extras.pop("item_vectors", None)

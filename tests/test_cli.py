@@ -9,12 +9,15 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import nats
 import orjson
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
+from agent import cli, replay
 from agent.config import Settings
 
 from .conftest import Client
@@ -137,3 +140,39 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "config key 'http_port' (from command line) must be an integer" in result.stderr
+
+
+def blas_threads() -> set[int]:
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_commands_run_with_one_blas_thread_and_restore_the_limit_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("RECSYS_")]:
+        monkeypatch.delenv(name)
+    seen: dict[str, set[int]] = {}
+
+    async def serving(settings: Settings) -> None:
+        seen["run"] = blas_threads()
+
+    real_replay = replay.replay
+
+    async def replaying(*args: Any, **kwargs: Any) -> replay.ReplayResult:
+        seen["replay"] = blas_threads()
+        return await real_replay(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "serve", serving)
+    monkeypatch.setattr(replay, "replay", replaying)
+    # without the content plugin: the limit must not depend on the plugin that used to set it
+    config = tmp_path / "replay.toml"
+    config.write_text('disabled_plugins = ["content"]\nload_entry_points = false\n')
+    items, events = tmp_path / "items.jsonl", tmp_path / "events.jsonl"
+    items.write_bytes(b'{"id": "A", "title": "A"}\n{"id": "B", "title": "B"}\n')
+    events.write_bytes(b'{"type": "view", "user_id": "1", "item_id": "A", "ts": 1}\n'
+                       b'{"type": "view", "user_id": "1", "item_id": "B", "ts": 2}\n')
+    # two threads beforehand, so that one inside is the command's doing on any machine
+    with threadpool_limits(2, user_api="blas"):
+        assert cli.main(["run", "--config", str(config), "--data-dir", str(tmp_path / "agent")]) == 0
+        assert cli.main(["replay", "--items", str(items), "--events", str(events), "--config", str(config),
+                         "--inline-baselines", "--no-progress"]) == 0
+        assert blas_threads() == {2}
+    assert seen == {"run": {1}, "replay": {1}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,16 +12,21 @@ import numpy as np
 import pytest
 
 from agent.app import Agent
+from agent.catalog import Catalog
 from agent.config import Settings, load_settings
+from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.item_neighbours import ItemNeighbours
 from agent.item_vectors import ItemVectors
+from agent.metrics import Metrics
 from agent.models import Event, Item
 from agent.pipeline import Pipeline
 from agent.plugin_manager import get_plugin_manager
-from agent.ranking import Candidates, Query
+from agent.ranking import Candidates, Query, Scored
+from agent.state import UserState, UserStore
 from plugins.content import Taste
 from plugins.fusion import LearnedFusion
+from plugins.rerankers import Diversity, category_jaccard
 
 from .conftest import Client
 
@@ -198,6 +204,55 @@ async def test_rerankers_filter_diversify_and_exclude(tmp_path: Path) -> None:
         # strong diversity mixes both genres into the top four
         assert {i in SCIFI for i in shown} == {True, False}
         assert all(item.reasons for item in recs.items)
+
+
+def test_category_similarity_is_the_jaccard_of_category_sets() -> None:
+    catalog = Catalog()
+    items = [Item("a", "A", categories=("X", "Y")), Item("b", "B", categories=("Y", "Z")),
+             Item("c", "C", categories=("Y", "X", "X")), Item("d", "D"), Item("e", "E", categories=("Z",)),
+             Item("gone", "Gone", categories=("X",))]
+    slots = [catalog.upsert(item)[0] for item in items]
+    catalog.delete("gone")
+    # by hand: |shared| / |union|; c names X twice (one category), d has none, a deleted item
+    # counts as none, and an item is not compared with itself
+    third, half = 1 / 3, 1 / 2
+    expected = np.array([
+        [0, third, 1, 0, 0, 0],
+        [third, 0, third, 0, half, 0],
+        [1, third, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, half, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+    ])
+    np.testing.assert_array_equal(category_jaccard(catalog, slots), expected)
+    assert category_jaccard(catalog, []).shape == (0, 0)
+
+
+def test_diversity_uses_cosines_only_when_every_item_has_a_vector(tmp_path: Path) -> None:
+    # a and c share their categories but not their direction; a and b the other way round
+    catalog = Catalog()
+    a, c, b = (catalog.upsert(Item(i, i.upper(), categories=cats))[0] for i, cats in (("a", ("X",)), ("c", ("X",)), ("b", ("Z",))))
+    vectors = ItemVectors(2)
+    vectors.set([a, c, b], np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32), ["ha", "hc", "hb"])
+    ctx = AgentContext(settings=offline(tmp_path), catalog=catalog, users=UserStore(10, 10), metrics=Metrics())
+    ctx.extras["item_vectors"] = vectors
+    diversity = Diversity()
+    diversity.ctx, diversity.trade_off = ctx, 0.5
+    query = Query(user=UserState("u", deque()), k=2, now=0.0, catalog=catalog, n_candidates=6)
+    ranked = [Scored(a, 1.0), Scored(c, 0.9), Scored(b, 0.5)]
+
+    def order() -> list[int]:
+        reranked = diversity.recsys_rerank(query, ranked)
+        assert reranked is not None
+        return [s.slot for s in reranked]
+
+    np.testing.assert_array_equal(diversity._similarity(query, [a, c, b]), [[1, 0, 1], [0, 1, 0], [1, 0, 1]])
+    # b, a's twin by vector, waits behind c
+    assert order() == [a, c, b]
+    vectors.remove(b)
+    # one item without a vector: the whole pool is compared by categories, c is a's twin
+    np.testing.assert_array_equal(diversity._similarity(query, [a, c, b]), category_jaccard(catalog, [a, c, b]))
+    assert order() == [a, b, c]
 
 
 async def test_cross_encoder_rescoring_runs_on_a_real_model(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from agent.cli import limit_blas_threads
 from agent.config import load_settings
 from agent.datasets import read_items
 from agent.pipeline import Pipeline
@@ -65,4 +66,6 @@ if __name__ == "__main__":
     parser.add_argument("--measure", type=int, default=3_000)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--data-dir", default="out/bench-stages")
-    asyncio.run(main(parser.parse_args()))
+    # as in the agent's process
+    with limit_blas_threads():
+        asyncio.run(main(parser.parse_args()))
