@@ -2,8 +2,9 @@
 
 Every candidate proposed by any source is described by one feature per source: where it stands
 among the candidates by that source's score (a z-score, so sources with incomparable scales
-mix fairly; a source that cannot score an item it did not propose falls back to the item's
-rank gain in its list), plus one for how many sources proposed it. The fused score is a
+mix fairly, taken on a log scale for count-like scores, whose heavy tail would otherwise swamp
+a linear ranker; a source that cannot score an item it did not propose falls back to the
+item's rank gain in its list), plus one for how many sources proposed it. The fused score is a
 weighted sum of those features.
 
 Learning is pairwise, as in online learning to rank: when the user's next positive event
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 SEGMENTS = ((2, "new"), (6, "short"), (21, "medium"))
 LEARNING_RATE = 0.05
 L2 = 1e-4
-HARD_NEGATIVES = 5
 RANDOM_NEGATIVES = 20
 MAX_PENDING = 20_000
 SNAPSHOT_KEY = "fusion.weights"
@@ -158,11 +158,35 @@ class LearnedFusion:
         return np.array([gain(ranks[s]) if s in ranks else 0.0 for s in slots.tolist()])
 
     @staticmethod
-    def _standardised(raw: np.ndarray) -> np.ndarray:
-        """Row-wise (one row per source) z-scores over the candidates: scale-free, yet a clear
-        favourite keeps its lead (popularity is heavy-tailed; a percentile would flatten
-        that). A candidate a source cannot score (NaN or infinite) gets the floor."""
+    def _log_scaled(raw: np.ndarray, known: np.ndarray) -> np.ndarray:
+        """Rows whose scores are all non-negative (counts, decayed counts, sums of
+        co-occurrences) on a log scale, ``log(1 + score / mean positive score)``.
+
+        Such scores are heavy-tailed: on a linear scale a few blockbusters take the whole
+        spread, every other candidate gets nearly the same z-score, and a linear ranker can
+        no longer tell them apart by that source. The transform is close to linear below
+        the row's mean and logarithmic above it: it keeps the order and the head's lead but
+        compresses the tail, and dividing by the mean keeps it free of the source's units.
+        Rows with negative scores (ages, cosines) are not counts and stay as they are."""
+        floor = np.where(known, raw, np.inf).min(axis=1)
+        positive = known & (raw > 0)
+        counts = positive.sum(axis=1)
+        rows = np.flatnonzero((floor >= 0) & (counts > 0))
+        if not len(rows):
+            return raw
+        mean = np.where(positive[rows], raw[rows], 0.0).sum(axis=1) / counts[rows]
+        scaled = raw.copy()
+        scaled[rows] = np.log1p(raw[rows] / mean[:, None])
+        return scaled
+
+    @classmethod
+    def _standardised(cls, raw: np.ndarray) -> np.ndarray:
+        """Row-wise (one row per source) z-scores over the candidates, of log-scaled scores for
+        count-like sources (``_log_scaled``): scale-free, yet a clear favourite keeps its lead
+        (a percentile would flatten that). A candidate a source cannot score (NaN or
+        infinite) gets the floor."""
         known = np.isfinite(raw)
+        raw = cls._log_scaled(raw, known)
         complete = bool(known.all())
         if not complete:
             counts = np.maximum(known.sum(axis=1, keepdims=True), 1)
@@ -215,9 +239,10 @@ class LearnedFusion:
         # Only rankings of known users are remembered: a read for a user the agent does not
         # hold must not grow memory.
         if query.user.event_count:
-            # negatives: the top the user passed over, and a sample of the rest of the candidates
+            # negatives: the list the user was shown (its first k) and passed over, and a sample
+            # of the rest of the candidates
             sample = (self._uniforms() * len(union)).astype(np.int64)
-            shown = sorted_unique(np.concatenate([top[:HARD_NEGATIVES], sample]))
+            shown = sorted_unique(np.concatenate([top[: query.k], sample]))
             self._remember(query.user.user_id, Ranking(segment, names, union, features.T.astype(np.float32), shown))
         return ranked
 
