@@ -31,14 +31,22 @@ async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
         if not future.done():
             outcome()
 
+    def hand_back(outcome: Callable[[], None]) -> None:
+        try:
+            loop.call_soon_threadsafe(deliver, outcome)
+        except RuntimeError:
+            # The loop closed while the work ran (its program is stopping, or an abandoned
+            # caller's loop is gone): nobody is waiting for the outcome any more.
+            pass
+
     def run() -> None:
         try:
             result = function(*args)
         except BaseException as exc:  # handed to the awaiting coroutine
             error = exc
-            loop.call_soon_threadsafe(deliver, lambda: future.set_exception(error))
+            hand_back(lambda: future.set_exception(error))
         else:
-            loop.call_soon_threadsafe(deliver, lambda: future.set_result(result))
+            hand_back(lambda: future.set_result(result))
         finally:
             _RUNNING.discard(threading.current_thread())
 
