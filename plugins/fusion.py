@@ -45,6 +45,7 @@ MAX_PENDING = 20_000
 SNAPSHOT_KEY = "fusion.weights"
 SAVE_EVERY_S = 10.0
 Z_MIN, Z_MAX = -3.0, 10.0
+TINY = float(np.finfo(np.float64).tiny)
 # A feature beside the sources: how many of them proposed the item. Its weight starts at zero
 # and moves only as far as agreement predicts the user's next item on this stream.
 AGREEMENT = "agreement"
@@ -158,39 +159,45 @@ class LearnedFusion:
         return np.array([gain(ranks[s]) if s in ranks else 0.0 for s in slots.tolist()])
 
     @staticmethod
-    def _log_scaled(raw: np.ndarray, known: np.ndarray) -> np.ndarray:
-        """Rows whose scores are all non-negative (counts, decayed counts, sums of
-        co-occurrences) on a log scale, ``log(1 + score / mean positive score)``.
+    def _log_scale(raw: np.ndarray) -> None:
+        """Puts rows whose scores are all non-negative (counts, decayed counts, sums of
+        co-occurrences) on a log scale, ``log(1 + score / mean positive score)``, in place.
 
         Such scores are heavy-tailed: on a linear scale a few blockbusters take the whole
         spread, every other candidate gets nearly the same z-score, and a linear ranker can
         no longer tell them apart by that source. The transform is close to linear below
         the row's mean and logarithmic above it: it keeps the order and the head's lead but
         compresses the tail, and dividing by the mean keeps it free of the source's units.
-        Rows with negative scores (ages, cosines) are not counts and stay as they are."""
-        floor = np.where(known, raw, np.inf).min(axis=1)
-        positive = known & (raw > 0)
-        counts = positive.sum(axis=1)
-        rows = np.flatnonzero((floor >= 0) & (counts > 0))
-        if not len(rows):
-            return raw
-        mean = np.where(positive[rows], raw[rows], 0.0).sum(axis=1) / counts[rows]
-        scaled = raw.copy()
-        scaled[rows] = np.log1p(raw[rows] / mean[:, None])
-        return scaled
+        Rows with negative scores (ages, cosines) are not counts and stay as they are.
+        ``raw`` holds 0 where a source cannot score a candidate."""
+        # Few numpy calls, each on the whole matrix: this runs for every list, and on small
+        # arrays a call's overhead costs more than its arithmetic.
+        floors = raw.min(axis=1).tolist()
+        rows = [row for row, floor in enumerate(floors) if floor >= 0]
+        if not rows:
+            return
+        counts = raw[rows]
+        # a non-negative row's sum is the sum of its positive scores; an all-zero row stays 0
+        mean = counts.sum(axis=1) / np.maximum((counts > 0).sum(axis=1), 1)
+        # in single precision, where numpy's log is vectorised (log1p is not, in either): a
+        # feature needs no more digits
+        scaled = (counts / np.maximum(mean, TINY)[:, None]).astype(np.float32)
+        scaled += 1.0
+        raw[rows] = np.log(scaled, out=scaled)
 
     @classmethod
     def _standardised(cls, raw: np.ndarray) -> np.ndarray:
         """Row-wise (one row per source) z-scores over the candidates, of log-scaled scores for
-        count-like sources (``_log_scaled``): scale-free, yet a clear favourite keeps its lead
+        count-like sources (``_log_scale``): scale-free, yet a clear favourite keeps its lead
         (a percentile would flatten that). A candidate a source cannot score (NaN or
-        infinite) gets the floor."""
+        infinite) gets the floor. ``raw`` may be overwritten."""
         known = np.isfinite(raw)
-        raw = cls._log_scaled(raw, known)
         complete = bool(known.all())
         if not complete:
-            counts = np.maximum(known.sum(axis=1, keepdims=True), 1)
             raw = np.where(known, raw, 0.0)
+        cls._log_scale(raw)
+        if not complete:
+            counts = np.maximum(known.sum(axis=1, keepdims=True), 1)
             mean = raw.sum(axis=1, keepdims=True) / counts
             deviation = np.where(known, raw - mean, 0.0)
         else:
@@ -231,7 +238,7 @@ class LearnedFusion:
         # lead every column, so one gather and a slice per item give them
         order = np.argsort(-strength, axis=0, kind="stable").T
         by_strength = np.array(sources, dtype=object)[order].tolist()
-        counts = raw[-1, top].astype(int).tolist()
+        counts = proposed.sum(axis=0).tolist()
         ranked = [
             Scored(slot, score, [], names_[:count])
             for slot, score, names_, count in zip(top_slots_.tolist(), scores.tolist(), by_strength, counts, strict=True)
