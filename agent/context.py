@@ -30,6 +30,10 @@ class AgentContext:
     clock: Callable[[], float] = time.time
     # objects plugins share with each other, e.g. "item_vectors" from the content source
     extras: dict[str, Any] = field(default_factory=dict)
+    # events delivered to this agent and not applied yet; background work (profile refreshes)
+    # gives way while there are any, so that a burst is ingested first. Read it at each use:
+    # the live agent sets it once its consumer runs.
+    backlog: Callable[[], int] = lambda: 0
 
     def options(self, plugin_name: str) -> dict[str, Any]:
         return self.settings.plugin_options(plugin_name)

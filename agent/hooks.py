@@ -19,10 +19,24 @@ from agent.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+# Answers per type to "is it awaitable?": what inspect.isawaitable answers for coroutines,
+# tasks and futures, but asked once per type. Both isawaitable's ABC check and a failing
+# hasattr (an exception inside) cost more than many hooks do.
+_AWAITABLE_TYPES: dict[type, bool] = {}
+
+
 def _awaitable(value: Any) -> bool:
-    # What inspect.isawaitable answers for coroutines, tasks and futures, without its ABC
-    # check, which costs more than many hooks do.
-    return value is not None and hasattr(type(value), "__await__")
+    if value is None:  # what most hooks return
+        return False
+    kind = type(value)
+    answer = _AWAITABLE_TYPES.get(kind)
+    if answer is None:
+        answer = _AWAITABLE_TYPES[kind] = hasattr(kind, "__await__")
+    return answer
+
+
+# What _call_one made of an implementation's call
+FAILED, DONE, PENDING = 0, 1, 2
 
 
 class HookRunner:
@@ -67,27 +81,28 @@ class HookRunner:
         argnames: tuple[str, ...],
         kwargs: dict[str, Any],
         timeout_s: float | None = None,
-    ) -> tuple[bool, Any]:
-        """Run one implementation; returns (ok, result), where a result may still be awaitable
-        (see :meth:`_settle`). Never raises. Kept synchronous: most hooks answer at once, and a
-        coroutine per call would cost more than many of them do."""
+    ) -> tuple[int, Any]:
+        """Run one implementation; returns (FAILED, None), (DONE, result) or (PENDING, the
+        awaitable it returned, for :meth:`_settle`). Never raises. Kept synchronous: most hooks
+        answer at once, and a coroutine per call would cost more than many of them do."""
         start = time.perf_counter()
         try:
             result = function(*[kwargs[name] for name in argnames])
         except Exception:
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="error").inc()
             log.exception("plugin %s failed in %s", plugin, hook_name)
-            return False, None
+            return FAILED, None
         if _awaitable(result):
-            return True, result
+            return PENDING, result
         elapsed = time.perf_counter() - start
         # the common case, in time and not timed for a benchmark, costs no further call
         if self.stage_times is not None or elapsed > (timeout_s or self.timeout_s):
             self._finished(hook_name, plugin, elapsed, timeout_s)
-        return True, result
+        return DONE, result
 
-    async def _settle(self, hook_name: str, plugin: str, awaitable: Any, timeout_s: float | None) -> tuple[bool, Any]:
-        """Await an implementation's awaitable under its budget; never raises except on cancellation."""
+    async def _settle(self, hook_name: str, plugin: str, awaitable: Any, timeout_s: float | None) -> tuple[int, Any]:
+        """Await an implementation's awaitable under its budget: (DONE, result) or (FAILED, None);
+        never raises except on cancellation."""
         budget = timeout_s or self.timeout_s
         start = time.perf_counter()
         try:
@@ -96,13 +111,13 @@ class HookRunner:
         except TimeoutError:
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="timeout").inc()
             log.warning("plugin %s timed out in %s after %.0f ms", plugin, hook_name, budget * 1000)
-            return False, None
+            return FAILED, None
         except Exception:
             self.metrics.plugin_failures.labels(plugin=plugin, hook=hook_name, kind="error").inc()
             log.exception("plugin %s failed in %s", plugin, hook_name)
-            return False, None
+            return FAILED, None
         self._finished(hook_name, plugin, time.perf_counter() - start, timeout_s)
-        return True, result
+        return DONE, result
 
     def _finished(self, hook_name: str, plugin: str, elapsed: float, timeout_s: float | None) -> None:
         if self.stage_times is not None:
@@ -123,29 +138,29 @@ class HookRunner:
         """Every implementation's non-None answer, as (plugin name, result), in call order."""
         results = []
         for plugin, function, argnames in self._each(hook_name):
-            ok, result = self._call_one(hook_name, plugin, function, argnames, kwargs, timeout_s)
-            if ok and _awaitable(result):
-                ok, result = await self._settle(hook_name, plugin, result, timeout_s)
-            if ok and result is not None:
+            state, result = self._call_one(hook_name, plugin, function, argnames, kwargs, timeout_s)
+            if state == PENDING:
+                state, result = await self._settle(hook_name, plugin, result, timeout_s)
+            if state == DONE and result is not None:
                 results.append((plugin, result))
         return results
 
     async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
         """The first non-None answer in call order, or None."""
         for plugin, function, argnames in self._each(hook_name):
-            ok, result = self._call_one(hook_name, plugin, function, argnames, kwargs)
-            if ok and _awaitable(result):
-                ok, result = await self._settle(hook_name, plugin, result, None)
-            if ok and result is not None:
+            state, result = self._call_one(hook_name, plugin, function, argnames, kwargs)
+            if state == PENDING:
+                state, result = await self._settle(hook_name, plugin, result, None)
+            if state == DONE and result is not None:
                 return result
         return None
 
     async def call_chain(self, hook_name: str, chained: str, **kwargs: Any) -> Any:
         """Thread ``kwargs[chained]`` through every implementation; None keeps the value."""
         for plugin, function, argnames in self._each(hook_name):
-            ok, result = self._call_one(hook_name, plugin, function, argnames, kwargs)
-            if ok and _awaitable(result):
-                ok, result = await self._settle(hook_name, plugin, result, None)
-            if ok and result is not None:
+            state, result = self._call_one(hook_name, plugin, function, argnames, kwargs)
+            if state == PENDING:
+                state, result = await self._settle(hook_name, plugin, result, None)
+            if state == DONE and result is not None:
                 kwargs[chained] = result
         return kwargs[chained]

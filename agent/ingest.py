@@ -120,10 +120,13 @@ class Ingestor:
         self.on_applied = on_applied
         self.rebuilt_up_to: dict[str, int] = {}
         self.stopping = False
+        self.undelivered = 0
 
     async def _apply_event_message(self, msg: Msg) -> tuple[str, str] | None:
         """Apply one event message; returns (user_id, event key) when a push is owed."""
         meta = msg.metadata
+        # the stream's messages not yet delivered to this consumer, as of this one
+        self.undelivered = meta.num_pending
         obj = decode_json(msg.data, self.settings.max_payload_bytes)
         # A missing timestamp takes the time the stream stored the message, so a rebuild
         # reproduces exactly the state the first pass built.
@@ -254,9 +257,12 @@ class Ingestor:
             manual_ack=True,
             config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=self.settings.max_ack_pending),
         )
+        # waiting here, and still in the stream for this consumer
+        self.pipeline.context.backlog = lambda: events_sub.pending_msgs + self.undelivered
         try:
             yield
         finally:
+            self.pipeline.context.backlog = lambda: 0
             # Stop taking work; what is buffered here goes back to JetStream unacknowledged.
             self.stopping = True
             for sub in (events_sub, catalog_sub):

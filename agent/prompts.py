@@ -80,26 +80,36 @@ def _phone_or_years(match: re.Match[str]) -> str:
     return REDACTED
 
 
-@functools.lru_cache(maxsize=65_536)
 def _normalised(text: str) -> str:
     # Runs of angle brackets are removed so that no title can imitate the block markers.
     return " ".join(_ANGLES.sub(" ", _CONTROL.sub(" ", text)).split())
 
 
 @functools.lru_cache(maxsize=65_536)
-def _redacted(text: str) -> str:
-    # The same titles come back for user after user: the patterns run once per title.
-    return redact(text)
+def _prepared(text: str, limit: int) -> tuple[str, str, str]:
+    """The normalised text, its lower case (to look for a user id) and its redacted, cut form.
+
+    Cached: the same titles and categories come back for user after user, so the patterns run
+    once per text, not once per user and history entry."""
+    normalised = _normalised(text)
+    return normalised, normalised.lower(), redact(normalised)[:limit].rstrip()
 
 
 def _clean(text: str, limit: int, user_id: str | None) -> str:
-    text = _normalised(text)
-    if user_id and len(user_id) >= 3 and user_id.lower() in text.lower():
+    normalised, lowered, cleaned = _prepared(text, limit)
+    if user_id and len(user_id) >= 3 and user_id.lower() in lowered:
         # The user id goes first, before any pattern can eat part of it and leave the rest.
-        cleaned = redact(text, user_id=user_id)
-    else:
-        cleaned = _redacted(text)
-    return cleaned[:limit].rstrip()
+        return redact(normalised, user_id=user_id)[:limit].rstrip()
+    return cleaned
+
+
+@functools.lru_cache(maxsize=65_536)
+def _item_text(title: str, categories: tuple[str, ...]) -> tuple[str, tuple[str, ...], str]:
+    """An item's cleaned title and categories as any user's history shows them, and the lower
+    case of all its text, in which a caller looks for its user's id (then it cleans again)."""
+    cleaned = tuple(c for c in (_prepared(c, MAX_CATEGORY_CHARS)[2] for c in categories) if c)
+    lowered = "\n".join(_normalised(text).lower() for text in (title, *categories))
+    return _prepared(title, MAX_TITLE_CHARS)[2], cleaned, lowered
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +138,20 @@ def history_from_user(user: UserState, catalog: Catalog, limit: int) -> list[His
     out: their ids mean nothing to a model and a deleted item should not shape a profile.
     """
     entries: list[HistoryEntry] = []
+    user_id = user.user_id.lower() if len(user.user_id) >= 3 else ""
     for interaction in reversed(user.recent):
         item = catalog.item(interaction.slot)
         if item is None:
             continue
-        title = _clean(item.title, MAX_TITLE_CHARS, user.user_id)
+        title, categories, lowered = _item_text(item.title, item.categories[:MAX_CATEGORIES])
+        if user_id and user_id in lowered:
+            # the rare item whose text names this user: cleaned again with the id redacted
+            title = _clean(item.title, MAX_TITLE_CHARS, user.user_id)
+            categories = tuple(
+                c for c in (_clean(c, MAX_CATEGORY_CHARS, user.user_id) for c in item.categories[:MAX_CATEGORIES]) if c
+            )
         if not title:
             continue
-        categories = tuple(
-            c for c in (_clean(c, MAX_CATEGORY_CHARS, user.user_id) for c in item.categories[:MAX_CATEGORIES]) if c
-        )
         event = interaction.type if interaction.type in EVENT_WORDS else "other"
         entries.append(HistoryEntry(title=title, categories=categories, event=event))
         if len(entries) >= limit:

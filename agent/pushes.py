@@ -30,6 +30,8 @@ class PushScheduler:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # read when metrics are scraped, not set per event
+        pipeline.metrics.push_backlog.set_function(lambda: len(self._owed))
 
     def schedule(self, user_id: str, event_key: str) -> None:
         entry = self._owed.get(user_id)
@@ -37,7 +39,6 @@ class PushScheduler:
             self._owed[user_id] = ([event_key], time.perf_counter())
         else:
             entry[0].append(event_key)
-        self.pipeline.metrics.push_backlog.set(len(self._owed))
         self._idle.clear()
         self._wake.set()
 
@@ -56,7 +57,6 @@ class PushScheduler:
             while self._owed:
                 user_id = next(iter(self._owed))
                 event_ids, owed_since = self._owed.pop(user_id)
-                self.pipeline.metrics.push_backlog.set(len(self._owed))
                 try:
                     await self._push(user_id, event_ids, owed_since)
                 except Exception:

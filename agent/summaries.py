@@ -31,7 +31,9 @@ A user becomes due after ``refresh_after_events`` new events or ``refresh_after_
 its first new event, whichever is first. Room in ``pending`` goes to whoever became due first
 (merging ``waiting`` and ``urgent`` by due time), so a very active user cannot starve a quiet
 one, and a user is never queued twice (coalescing). ``waiting`` + ``urgent`` together are capped
-(``max_tracked_users``); beyond that a user is tracked again at its next event. Memory is
+(``max_tracked_users``); beyond that a user is tracked again at its next event. While events
+wait to be applied (``AgentContext.backlog``), each lane writes one profile per short pause, so a
+burst is ingested first and refreshes coalesce meanwhile. Memory is
 therefore bounded by the number of users, never by the number of events.
 
 Each LLM call runs under ``timeout_s``, the chat client's HTTP timeout (an ``LLMTimeout``).
@@ -76,6 +78,10 @@ log = logging.getLogger(__name__)
 PROFILE_KEY = "profile"
 MAX_BACKOFF_S = 10.0
 FIRST_LANE_BATCH = 64
+# While events wait to be applied, the slow path writes one profile per pause (per worker): a
+# burst is ingested first, and the users' refreshes coalesce meanwhile instead of being
+# written again and again, yet profiles never starve under a sustained load.
+BUSY_PAUSE_S = 0.01
 
 
 # --------------------------------------------------------------------------- options
@@ -374,8 +380,11 @@ class SummaryScheduler:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         self.options = options
+        # events delivered to the agent and not applied yet (AgentContext.backlog)
+        self.backlog = backlog
         self.source = source
         self.llm = llm
         self.metrics = metrics or SummaryMetrics(CollectorRegistry())
@@ -395,6 +404,7 @@ class SummaryScheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self.counts: Counter[str] = Counter()
         self._counters: dict[str, Any] = {}
+        self._export_gauges()
 
     # ---- called from the hot path: O(1), never awaits
 
@@ -427,7 +437,6 @@ class SummaryScheduler:
             queue.pop(user_id, None)
         # An in-flight summary of this user finishes, but ProfileSource.store refuses it because
         # the user's state is gone (Snapshot.owner).
-        self._gauges()
 
     @property
     def idle(self) -> bool:
@@ -490,13 +499,13 @@ class SummaryScheduler:
             moved = True
         if moved:
             self._ready.set()
-        self._gauges()
 
-    def _gauges(self) -> None:
-        self.metrics.pending.set(len(self._pending))
-        self.metrics.tracked.set(len(self._waiting) + len(self._urgent))
-        self.metrics.in_flight.set(len(self._in_flight))
-        self.metrics.breaker_open.set(1 if self.breaker.state is BreakerState.OPEN else 0)
+    def _export_gauges(self) -> None:
+        # read when metrics are scraped: the hot path (note_event) sets nothing
+        self.metrics.pending.set_function(lambda: len(self._pending))
+        self.metrics.tracked.set_function(lambda: len(self._waiting) + len(self._urgent))
+        self.metrics.in_flight.set_function(lambda: len(self._in_flight))
+        self.metrics.breaker_open.set_function(lambda: 1 if self.breaker.state is BreakerState.OPEN else 0)
 
     # ---- the slow path
 
@@ -529,18 +538,29 @@ class SummaryScheduler:
             await self._first_ready.wait()
             self._first_ready.clear()
             while self._first:
-                for _ in range(min(FIRST_LANE_BATCH, len(self._first))):
+                busy = self.backlog() > 0
+                for _ in range(1 if busy else min(FIRST_LANE_BATCH, len(self._first))):
                     user_id, _ = self._first.popitem(last=False)
                     snapshot = self.source.snapshot(user_id)
                     if snapshot is not None and snapshot.entries and not snapshot.has_profile:
-                        self._store(user_id, snapshot, heuristic_fields(snapshot.entries), "heuristic", final=False)
-                await asyncio.sleep(0)
+                        # With an LLM it is a stop-gap until the LLM's profile; without one the
+                        # heuristic is the summariser, and this profile covers the user's events
+                        # as well as any refresh would (one write less per new user).
+                        final = self.llm is None
+                        self._store(user_id, snapshot, heuristic_fields(snapshot.entries), "heuristic", final=final)
+                        if final and not self.source.unsummarised(user_id):
+                            self._waiting.pop(user_id, None)
+                await asyncio.sleep(BUSY_PAUSE_S if busy else 0)
 
     async def _worker(self) -> None:
         while True:
             while not self._pending:
                 self._ready.clear()
                 await self._ready.wait()
+            if self.backlog():
+                await asyncio.sleep(BUSY_PAUSE_S)
+                if not self._pending:
+                    continue
             user_id, due_at = self._pending.popitem(last=False)
             self._in_flight.add(user_id)
             self.metrics.wait_seconds.observe(max(0.0, self.clock() - due_at))
@@ -581,7 +601,6 @@ class SummaryScheduler:
             except LLMError as exc:
                 # The message names the failure, never the prompt or the user.
                 log.warning("LLM summary failed (%s): %s; using the heuristic profile", exc.kind, exc)
-        self._gauges()
         if fields_ is None:
             return self._store(user_id, snapshot, heuristic_fields(snapshot.entries), "heuristic", final=True)
         return self._store(user_id, snapshot, fields_, "llm", final=True)

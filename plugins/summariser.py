@@ -82,7 +82,9 @@ class Summariser:
                 await self._probe(self.client)
             else:
                 log.info("summariser: no LLM configured (base_url empty): heuristic profiles")
-            scheduler = SummaryScheduler(options, self, llm, metrics=SummaryMetrics(ctx.metrics.registry))
+            scheduler = SummaryScheduler(
+                options, self, llm, metrics=SummaryMetrics(ctx.metrics.registry), backlog=lambda: ctx.backlog()
+            )
             async with scheduler.running_tasks():
                 self.scheduler = scheduler
                 try:

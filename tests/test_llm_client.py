@@ -221,14 +221,15 @@ def test_history_carries_titles_categories_and_event_types_only() -> None:
 def test_no_part_of_a_user_id_survives_even_where_a_pattern_matches_part_of_it(user_id: str) -> None:
     catalog = Catalog()
     # the same title for two users: the second must not be served the first one's cleaning
-    catalog.upsert(Item(id="a", title=f"Deal for {user_id} only"))
+    catalog.upsert(Item(id="a", title=f"Deal for {user_id} only", categories=("Deals", f"picked for {user_id}")))
     for owner in ("someone-else", user_id):
         user = UserState(user_id=owner, recent=deque([Interaction(slot=0, type="view", ts=1.0, signal=1.0)], maxlen=10))
-        title = history_from_user(user, catalog, limit=10)[0].title
+        entry = history_from_user(user, catalog, limit=10)[0]
         if owner == user_id:
-            assert title == "Deal for [redacted] only"
+            assert entry.title == "Deal for [redacted] only"
+            assert entry.categories == ("Deals", "picked for [redacted]")
             for piece in user_id.replace("+", " ").replace(".", " ").split():
-                assert piece not in title
+                assert piece not in entry.title + " ".join(entry.categories)
 
 
 def test_catalog_text_cannot_leave_the_data_block() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from agent.config import ConfigError, load_settings
 from agent.llm_client import LLMOutputError, LLMRejected, LLMUnavailable
@@ -20,10 +21,12 @@ from agent.plugin_manager import get_plugin_manager
 from agent.prompts import HistoryEntry
 from agent.state import Interaction, UserState
 from agent.summaries import (
+    BUSY_PAUSE_S,
     PROFILE_KEY,
     BreakerState,
     CircuitBreaker,
     Snapshot,
+    SummaryMetrics,
     SummaryOptions,
     SummaryScheduler,
     heuristic_fields,
@@ -186,6 +189,34 @@ async def test_users_get_a_first_heuristic_profile_at_once_while_the_llm_is_satu
         llm.release.set()
 
 
+async def test_without_an_llm_the_first_heuristic_profile_counts_and_refreshes_follow_the_events() -> None:
+    users = Users()
+    scheduler = SummaryScheduler(options(refresh_after_events=3), users, None)
+    async with scheduler.running_tasks():
+        scheduler.note_event("ann", users.add_events("ann"), has_profile=False)
+        await until(lambda: len(users.stored) == 1)
+        # the heuristic is the summariser: its first profile covers the event, nothing is owed
+        assert users.unsummarised("ann") == 0 and scheduler.stats()["waiting"] == 0
+        for _ in range(3):
+            scheduler.note_event("ann", users.add_events("ann"))
+        await until(lambda: len(users.stored) == 2 and scheduler.idle)
+    assert [p["based_on_events"] for _, p in users.stored] == [1, 4]
+    assert scheduler.counts["summaries_heuristic"] == 2
+
+
+async def test_profiles_give_way_while_events_wait_to_be_applied_and_never_starve() -> None:
+    users, backlog = Users(), [500]
+    scheduler = SummaryScheduler(options(), users, None, backlog=lambda: backlog[0])
+    async with scheduler.running_tasks():
+        for i in range(100):
+            scheduler.note_event(f"u{i}", users.add_events(f"u{i}"), has_profile=False)
+        await asyncio.sleep(0.1)
+        # one first profile per pause while the backlog lasts: some, not all
+        assert 1 <= len(users.stored) <= 0.1 / BUSY_PAUSE_S + 2
+        backlog[0] = 0
+        await until(lambda: len(users.stored) == 100)
+
+
 async def test_a_user_with_few_events_is_summarised_after_the_time_window() -> None:
     users, llm = Users(), ScriptedLLM()
     scheduler = SummaryScheduler(options(refresh_after_events=10, refresh_after_s=0.1), users, llm)
@@ -221,8 +252,10 @@ async def test_breaker_opens_serves_heuristics_then_recovers_after_a_trial() -> 
     now = [0.0]
     users = Users()
     llm = ScriptedLLM(errors=[LLMUnavailable("down")] * 3)
+    registry = CollectorRegistry()  # what a scrape reads
     scheduler = SummaryScheduler(
-        options(max_retries=0, breaker_failures=3, breaker_reset_s=30.0), users, llm, clock=lambda: now[0]
+        options(max_retries=0, breaker_failures=3, breaker_reset_s=30.0), users, llm, clock=lambda: now[0],
+        metrics=SummaryMetrics(registry),
     )
     for i in range(6):
         users.add_events(f"e{i}", 2)
@@ -230,10 +263,12 @@ async def test_breaker_opens_serves_heuristics_then_recovers_after_a_trial() -> 
         assert profile is not None and profile["source"] == "heuristic"
     assert llm.calls == 3, "after 3 failures the breaker stops calling the LLM"
     assert scheduler.breaker.state is BreakerState.OPEN
+    assert registry.get_sample_value("recsys_summary_breaker_open") == 1
     now[0] = 31.0
     profile = await scheduler.summarise_user("e0")
     assert profile is not None and profile["source"] == "llm" and llm.calls == 4
     assert scheduler.breaker.state is BreakerState.CLOSED
+    assert registry.get_sample_value("recsys_summary_breaker_open") == 0
 
 
 def test_half_open_breaker_lets_exactly_one_trial_through() -> None:
