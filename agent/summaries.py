@@ -71,6 +71,7 @@ from agent.llm_client import (
     LLMError,
     validate_profile,
 )
+from agent.metrics import EventCounter
 from agent.prompts import REDACTED, HistoryEntry, build_messages
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,8 @@ class SummaryMetrics:
         r = registry
         self.summaries = PromCounter("recsys_summaries", "Profiles written, by source", ["source"], registry=r)
         self.llm_errors = PromCounter("recsys_summary_llm_errors", "LLM calls that gave no usable profile", ["kind"], registry=r)
-        self.requests = PromCounter("recsys_summary_requests", "Refresh requests, by what became of them", ["outcome"], registry=r)
+        # one per event: a plain count, exported when scraped
+        self.requests = EventCounter("recsys_summary_requests", "Refresh requests, by what became of them", r, label="outcome")
         self.pending = Gauge("recsys_summary_pending", "Users waiting for a summary worker", registry=r)
         self.tracked = Gauge("recsys_summary_tracked", "Users with events not summarised yet", registry=r)
         self.in_flight = Gauge("recsys_summary_in_flight", "Summaries being written", registry=r)
@@ -403,7 +405,6 @@ class SummaryScheduler:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.counts: Counter[str] = Counter()
-        self._counters: dict[str, Any] = {}
         self._export_gauges()
 
     # ---- called from the hot path: O(1), never awaits
@@ -467,11 +468,7 @@ class SummaryScheduler:
 
     def _count(self, outcome: str) -> None:
         self.counts[outcome] += 1
-        # the labelled child is looked up once: this runs for every event
-        counter = self._counters.get(outcome)
-        if counter is None:
-            counter = self._counters[outcome] = self.metrics.requests.labels(outcome=outcome)
-        counter.inc()
+        self.metrics.requests.inc(label=outcome)
 
     def _refill(self, now: float) -> None:
         """Move due users into ``pending`` while there is room, earliest due first."""

@@ -159,6 +159,30 @@ async def test_thousand_events_exactly_once_and_hundred_malformed(settings: Sett
     assert all("reason" in letter and letter["payload"] for letter in client.dead_letters)
 
 
+async def test_a_burst_is_a_backlog_until_applied(settings: Settings, client: Client) -> None:
+    # fewer deliveries in flight than events: the stream holds the rest of the burst for a while
+    settings.max_ack_pending = 64
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(50))
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 50)
+        backlog = agent.pipeline.context.backlog
+        assert backlog() == 0
+        for i in range(2000):  # core publishes: the client does not wait for the stream
+            body = {"id": f"b-{i}", "type": "view", "user_id": f"user-{i % 100}", "item_id": f"item-{i % 50}"}
+            await client.nc.publish(settings.subject("events", "view"), orjson.dumps(body))
+        seen: list[int] = []
+
+        async def applied() -> bool:
+            seen.append(backlog())
+            return await _applied(agent) == 2000
+
+        async with asyncio.timeout(60):
+            while not await applied():
+                await asyncio.sleep(0.005)
+    # what profile writing gives way to: seen while the burst lasted, and none once applied
+    assert max(seen) > 0 and seen[-1] == 0
+
+
 async def test_restart_applies_events_published_while_down_and_keeps_state(settings: Settings, client: Client) -> None:
     async with Agent(settings) as agent:
         await client.upsert(catalog(10))

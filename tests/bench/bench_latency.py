@@ -116,6 +116,7 @@ async def main(args: argparse.Namespace) -> None:
             before = (await health(http, http_url))["events_applied"]
             rss_before = rss_kib(process.pid)
             count = args.ingest
+            pushes_before = pushes
             start = time.perf_counter()
             for n in range(count):
                 body = {"id": f"ing-{run}-{n}", "type": "view", "user_id": f"ingest-user-{n % args.users}", "item_id": items[(n * 7919) % len(items)]["id"]}
@@ -125,13 +126,14 @@ async def main(args: argparse.Namespace) -> None:
             while (await health(http, http_url))["events_applied"] < before + count:
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - start
+            pushes_during = pushes - pushes_before
             rss_after = rss_kib(process.pid)
             last = {f"ing-{run}-{n}" for n in range(count - args.users, count)}
             deadline = time.perf_counter() + 30
             while not last <= received.keys() and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
-            print(f"ingest: {count} events for {args.users} new users applied in {elapsed:.2f} s = {count / elapsed:.0f} events/s; "
-                  f"last event of every user reflected in a push: {last <= received.keys()}")
+            print(f"ingest: {count} events for {args.users} new users applied in {elapsed:.2f} s = {count / elapsed:.0f} events/s "
+                  f"({pushes_during} pushes meanwhile); last event of every user reflected in a push: {last <= received.keys()}")
             print(f"memory: RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB, "
                   f"{(rss_after - rss_before) * 1024 / args.users:.0f} bytes per new user (history of {count // args.users} events)")
             await nc.close()
