@@ -95,8 +95,12 @@ def recsys_apply_event(event: Event, user: UserState, slot: int, catalog: Catalo
 
 
 @hookspec
-def recsys_catalog_upsert(items: list[Item], slots: list[int], changed: list[bool]) -> Any:
+def recsys_catalog_upsert(items: list[Item], slots: list[int], changed: list[bool], ts: float) -> Any:
     """A batch of items was added or replaced; ``changed[i]`` is False for an identical resend.
+
+    ``ts`` is when the batch entered the catalog (epoch seconds): the time the catalog stream
+    stored its message, so that the rebuild after a restart reports the original time, not
+    the time of the restart.
 
     All implementations are called, in order, before the upsert is acknowledged. Batches let a
     plugin do expensive work (embedding) in bulk; such work may be returned as an awaitable and

@@ -145,7 +145,9 @@ class Ingestor:
                 raise InvalidMessage("a delete needs {\"id\": <string>}")
             await self.pipeline.delete_item(obj["id"])
         else:
-            await self.pipeline.upsert_items(parse_items(obj))
+            # the stream's time: an item rebuilt after a restart keeps the day it was added
+            stored_at = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None
+            await self.pipeline.upsert_items(parse_items(obj), ts=stored_at)
 
     async def on_event(self, msg: Msg) -> None:
         if self.stopping:

@@ -136,7 +136,9 @@ class Pipeline:
         self.metrics.apply_seconds.observe(time.perf_counter() - started)
         return ApplyOutcome.APPLIED
 
-    async def upsert_items(self, items: list[Item]) -> None:
+    async def upsert_items(self, items: list[Item], ts: float | None = None) -> None:
+        """Add or replace items; ``ts``: when they entered the catalog (default: now, by the
+        pipeline's clock)."""
         if not items:
             return
         slots, changed = [], []
@@ -145,7 +147,8 @@ class Pipeline:
             slots.append(slot)
             changed.append(was_changed)
         await self.hooks.call_all(
-            "recsys_catalog_upsert", items=items, slots=slots, changed=changed, timeout_s=self.settings.catalog_timeout_s
+            "recsys_catalog_upsert", items=items, slots=slots, changed=changed, ts=self.clock() if ts is None else ts,
+            timeout_s=self.settings.catalog_timeout_s,
         )
         self.metrics.catalog_upserts.inc(len(items))
         self.metrics.items.set(self.catalog.active_count())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -10,7 +10,6 @@ import numpy as np
 from agent.catalog import grow
 from agent.context import AgentContext
 from agent.hookspecs import hookimpl
-from agent.models import Item
 from agent.ranking import Candidates, Query, first_allowed
 
 DEFAULT_WINDOW_S = 7 * 86_400.0
@@ -24,7 +23,6 @@ class Freshness:
     def __init__(self) -> None:
         self.added_at = np.full(1024, -np.inf)
         self.window_s = DEFAULT_WINDOW_S
-        self.clock: Callable[[], float] | None = None
         # slots, newest first, and their times; recomputed only when an item is added
         self._newest_first: np.ndarray | None = None
         self._newest_keys = np.empty(0)
@@ -38,17 +36,15 @@ class Freshness:
         self.window_s = float(ctx.options("freshness").get("window_s", DEFAULT_WINDOW_S))
         if self.window_s <= 0:
             raise ValueError("[plugins.freshness] window_s must be positive")
-        self.clock = ctx.clock
         yield
 
     @hookimpl
-    def recsys_catalog_upsert(self, items: list[Item], slots: list[int], changed: list[bool]) -> None:
-        now = self.clock() if self.clock else 0.0
+    def recsys_catalog_upsert(self, slots: list[int], ts: float) -> None:
         self.added_at = grow(self.added_at, max(slots) + 1, fill=-np.inf)
         for slot in slots:
             # an edit does not make an item new again
             if not np.isfinite(self.added_at[slot]):
-                self.added_at[slot] = now
+                self.added_at[slot] = ts
                 self._newest_first = None
 
     @hookimpl

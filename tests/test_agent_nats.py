@@ -202,6 +202,28 @@ async def test_restart_applies_events_published_while_down_and_keeps_state(setti
     assert client.reflected_event_ids().count("before") == 1
 
 
+async def test_items_added_before_a_restart_are_not_new_again_after_it(settings: Settings, client: Client) -> None:
+    settings.plugins = {"freshness": {"window_s": 6.0}}
+    # content retrieval is not what this is about, and loading its model would age the new item
+    settings.disabled_plugins = ["content"]
+
+    def fresh_ids(agent: Agent) -> set[str]:
+        freshness = agent.pipeline.pm.get_plugin("freshness")
+        found = freshness.recsys_candidates(query=agent.pipeline.make_query("newcomer", 10))
+        return {agent.pipeline.catalog.ids[s] for s in found.slots.tolist()} if found is not None else set()
+
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(3))
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 3)
+        assert fresh_ids(agent) == {"item-0", "item-1", "item-2"}
+    await asyncio.sleep(7.0)  # older than the window now
+    await client.upsert({"id": "late", "title": "Late arrival"})
+    async with Agent(settings) as agent:
+        await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 4)
+        # the rebuild dates every item by the stream, not by the restart
+        assert fresh_ids(agent) == {"late"}
+
+
 async def test_catalog_survives_restart(settings: Settings, client: Client) -> None:
     async with Agent(settings) as agent:
         await client.upsert(catalog(7))
