@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # tasks and futures, but asked once per type. Both isawaitable's ABC check and a failing
 # hasattr (an exception inside) cost more than many hooks do.
 _AWAITABLE_TYPES: dict[type, bool] = {}
+MAX_CACHED_TYPES = 256
 
 
 def _awaitable(value: Any) -> bool:
@@ -31,7 +32,11 @@ def _awaitable(value: Any) -> bool:
     kind = type(value)
     answer = _AWAITABLE_TYPES.get(kind)
     if answer is None:
-        answer = _AWAITABLE_TYPES[kind] = hasattr(kind, "__await__")
+        answer = hasattr(kind, "__await__")
+        # hooks return a handful of types; a plugin that makes classes on the fly (mocks)
+        # must not grow the table without bound
+        if len(_AWAITABLE_TYPES) < MAX_CACHED_TYPES:
+            _AWAITABLE_TYPES[kind] = answer
     return answer
 
 

@@ -55,8 +55,9 @@ def recsys_settle() -> Any:
     (embedding new items, loading a model). The live agent never waits on it; batch tools
     (replay, catalog import) and tests do, through ``Pipeline.settle()``.
 
-    The awaitable's result is None when the plugin can do that work, or a short text saying
-    why it cannot (say, its model did not load): ``Pipeline.settle()`` returns those texts, and
+    The awaitable's result is a short text saying why the plugin cannot do that work (say,
+    its model did not load); any other result (None, or whatever a gathered awaitable gives)
+    means it can: ``Pipeline.settle()`` returns those texts, and
     a batch tool whose output would be wrong without the work (catalog import) stops on them.
     Report such a failure by returning it, not by raising: an exception or a timeout here is
     only logged and skipped, as in every hook.

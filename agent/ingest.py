@@ -125,8 +125,6 @@ class Ingestor:
     async def _apply_event_message(self, msg: Msg) -> tuple[str, str] | None:
         """Apply one event message; returns (user_id, event key) when a push is owed."""
         meta = msg.metadata
-        # the stream's messages not yet delivered to this consumer, as of this one
-        self.undelivered = meta.num_pending
         obj = decode_json(msg.data, self.settings.max_payload_bytes)
         # A missing timestamp takes the time the stream stored the message, so a rebuild
         # reproduces exactly the state the first pass built.
@@ -159,6 +157,9 @@ class Ingestor:
         error: BaseException | None = None
         owed: tuple[str, str] | None = None
         try:
+            # the stream's messages not yet delivered to this consumer, as of this one (set
+            # first, so that a last message that fails or is a duplicate still updates it)
+            self.undelivered = msg.metadata.num_pending
             owed = await self._apply_event_message(msg)
         except Exception as exc:
             error = exc
@@ -260,6 +261,7 @@ class Ingestor:
             config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=self.settings.max_ack_pending),
         )
         # waiting here, and still in the stream for this consumer
+        self.undelivered = 0
         self.pipeline.context.backlog = lambda: events_sub.pending_msgs + self.undelivered
         try:
             yield

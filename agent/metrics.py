@@ -27,10 +27,14 @@ class EventCounter:
     def inc(self, amount: int = 1, label: str = "") -> None:
         self.values[label] += amount
 
+    def describe(self) -> Iterator[Metric]:
+        # the registry checks names against this: a second metric of the same name is refused
+        yield CounterMetricFamily(self.name, self.documentation, labels=[self.label] if self.label else None)
+
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=[self.label] if self.label else None)
         for label, value in self.values.items():
-            family.add_metric([label] if self.label else [], value)
+            family.add_metric([label] if self.label else [], float(value))
         yield family
 
 
@@ -65,4 +69,4 @@ class Metrics:
     def value(self, name: str, **labels: str) -> float:
         """Current value of a sample, for health reports and tests."""
         sample = self.registry.get_sample_value(name, labels or None)
-        return sample or 0.0
+        return float(sample or 0.0)

@@ -101,7 +101,8 @@ class Pipeline:
         """Wait for the plugins' background work; returns the failures they report, each naming
         its plugin (see ``recsys_settle``)."""
         answers = await self.hooks.call_all("recsys_settle", timeout_s=self.settings.catalog_timeout_s)
-        return [f"{failure} (plugin {plugin})" for plugin, failure in answers]
+        # only a text reports a failure (see the spec); other results of an awaitable are not one
+        return [f"{answer} (plugin {plugin})" for plugin, answer in answers if isinstance(answer, str)]
 
     def event_key(self, event: Event, seq: int) -> str:
         return f"id:{event.id}" if event.id is not None else f"seq:{seq}"

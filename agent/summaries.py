@@ -546,7 +546,9 @@ class SummaryScheduler:
                         final = self.llm is None
                         self._store(user_id, snapshot, heuristic_fields(snapshot.entries), "heuristic", final=final)
                         if final and not self.source.unsummarised(user_id):
-                            self._waiting.pop(user_id, None)
+                            # covered: a refresh queued meanwhile would write the same again
+                            for queue in (self._waiting, self._urgent, self._pending):
+                                queue.pop(user_id, None)
                 await asyncio.sleep(BUSY_PAUSE_S if busy else 0)
 
     async def _worker(self) -> None:

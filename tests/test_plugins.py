@@ -187,3 +187,28 @@ def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     pm = get_plugin_manager(load_settings(env={}))
     assert pm.has_plugin("good") and not pm.has_plugin("bad")
+
+
+class Settling:
+    """Background work that reports its outcome through recsys_settle."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    @hookimpl
+    def recsys_settle(self) -> Any:
+        async def done() -> Any:
+            await asyncio.sleep(0)
+            return self.answer
+
+        return done()
+
+
+async def test_settle_reports_only_texts_as_failures(tmp_path: Path) -> None:
+    async with running_pipeline(
+        tmp_path,
+        ("gathered", Settling([None, None])),  # what asyncio.gather of two tasks gives
+        ("broken", Settling("its model did not load")),
+        disabled_plugins=["content"],
+    ) as pipeline:
+        assert await pipeline.settle() == ["its model did not load (plugin broken)"]
