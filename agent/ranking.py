@@ -58,6 +58,9 @@ class Candidates:
     # Optional: this source's score for any slots (not only those it proposed), so fusion can
     # weigh every candidate by every source. Must be computed from state at query time.
     score_of: Callable[[np.ndarray], np.ndarray] | None = None
+    # True when the scores are counts or sums of counts (popularity, co-occurrence):
+    # non-negative and heavy-tailed, so fusion compares them on a log scale
+    counts: bool = False
     # the plugin that proposed these (filled in by the pipeline)
     plugin: str = ""
 

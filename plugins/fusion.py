@@ -159,25 +159,23 @@ class LearnedFusion:
         return np.array([gain(ranks[s]) if s in ranks else 0.0 for s in slots.tolist()])
 
     @staticmethod
-    def _log_scale(raw: np.ndarray) -> None:
-        """Puts rows whose scores are all non-negative (counts, decayed counts, sums of
-        co-occurrences) on a log scale, ``log(1 + score / mean positive score)``, in place.
+    def _log_scale(raw: np.ndarray, rows: list[int]) -> None:
+        """Puts the given rows, scores of count-like sources (``Candidates.counts``: popularity,
+        co-occurrence) and the agreement count, on a log scale in place:
+        ``log(1 + score / mean positive score)``.
 
         Such scores are heavy-tailed: on a linear scale a few blockbusters take the whole
         spread, every other candidate gets nearly the same z-score, and a linear ranker can
         no longer tell them apart by that source. The transform is close to linear below
         the row's mean and logarithmic above it: it keeps the order and the head's lead but
         compresses the tail, and dividing by the mean keeps it free of the source's units.
-        Rows with negative scores (ages, cosines) are not counts and stay as they are.
-        ``raw`` holds 0 where a source cannot score a candidate."""
-        # Few numpy calls, each on the whole matrix: this runs for every list, and on small
-        # arrays a call's overhead costs more than its arithmetic.
-        floors = raw.min(axis=1).tolist()
-        rows = [row for row, floor in enumerate(floors) if floor >= 0]
+        Which rows are counts is the source's to say, not guessed from one list's values: a
+        source's features must mean the same from one list to the next. ``raw`` holds 0
+        where a source cannot score a candidate."""
         if not rows:
             return
-        counts = raw[rows]
-        # a non-negative row's sum is the sum of its positive scores; an all-zero row stays 0
+        counts = np.maximum(raw[rows], 0.0)
+        # an all-zero row stays 0
         mean = counts.sum(axis=1) / np.maximum((counts > 0).sum(axis=1), 1)
         # in single precision, where numpy's log is vectorised (log1p is not, in either): a
         # feature needs no more digits
@@ -186,24 +184,24 @@ class LearnedFusion:
         raw[rows] = np.log(scaled, out=scaled)
 
     @classmethod
-    def _standardised(cls, raw: np.ndarray) -> np.ndarray:
-        """Row-wise (one row per source) z-scores over the candidates, of log-scaled scores for
-        count-like sources (``_log_scale``): scale-free, yet a clear favourite keeps its lead
+    def _standardised(cls, raw: np.ndarray, counts: list[int]) -> np.ndarray:
+        """Row-wise (one row per source) z-scores over the candidates, with the ``counts`` rows
+        on a log scale first (``_log_scale``): scale-free, yet a clear favourite keeps its lead
         (a percentile would flatten that). A candidate a source cannot score (NaN or
-        infinite) gets the floor. ``raw`` may be overwritten."""
+        infinite) gets the floor. Overwrites ``raw`` (a float array)."""
         known = np.isfinite(raw)
         complete = bool(known.all())
         if not complete:
             raw = np.where(known, raw, 0.0)
-        cls._log_scale(raw)
+        cls._log_scale(raw, counts)
         if not complete:
-            counts = np.maximum(known.sum(axis=1, keepdims=True), 1)
-            mean = raw.sum(axis=1, keepdims=True) / counts
+            counts_known = np.maximum(known.sum(axis=1, keepdims=True), 1)
+            mean = raw.sum(axis=1, keepdims=True) / counts_known
             deviation = np.where(known, raw - mean, 0.0)
         else:
             mean = raw.mean(axis=1, keepdims=True)
             deviation = raw - mean
-        spread = np.sqrt(np.einsum("ij,ij->i", deviation, deviation)[:, None] / (raw.shape[1] if complete else counts))
+        spread = np.sqrt(np.einsum("ij,ij->i", deviation, deviation)[:, None] / (raw.shape[1] if complete else counts_known))
         z = deviation / np.where(spread > 0, spread, np.inf)
         if not complete:
             z[~known] = Z_MIN
@@ -228,7 +226,9 @@ class LearnedFusion:
             raw[row] = self._raw_scores(c, union)
             member[row, np.searchsorted(union, c.slots)] = True
         raw[-1] = member.sum(axis=0)
-        features = self._standardised(raw)
+        # the agreement row (last) counts sources: a count too
+        count_rows = [row for row, c in enumerate(candidates) if c.counts] + [len(candidates)]
+        features = self._standardised(raw, count_rows)
         top, scores = top_slots(weights @ features, query.n_candidates)
         top_slots_ = union[top]
         # which source proposed each top item, strongest contribution first (for reasons)

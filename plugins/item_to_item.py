@@ -176,7 +176,7 @@ class ItemToItem:
 
         return Candidates(
             source=source, slots=found[best], scores=best_scores, reasons=reason,
-            score_of=score_of,
+            score_of=score_of, counts=True,
         )
 
     @hookimpl

@@ -171,7 +171,7 @@ class Trending:
                 found.append(
                     Candidates(
                         source=name, slots=slots, scores=values, reasons=REASONS.get(name, name),
-                        score_of=lambda wanted, scores=scores: scores[wanted],
+                        score_of=lambda wanted, scores=scores: scores[wanted], counts=True,
                     )
                 )
         return found or None

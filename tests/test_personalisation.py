@@ -191,25 +191,32 @@ async def test_fusion_learns_which_source_predicts_the_next_event(tmp_path: Path
         assert fusion.feedbacks > 100
 
 
-def test_fusion_features_put_count_like_scores_on_a_log_scale() -> None:
-    raw = np.array([
+@pytest.mark.parametrize("with_unscored", [False, True])
+def test_fusion_features_put_count_like_scores_on_a_log_scale(with_unscored: bool) -> None:
+    rows = [
         [0.0, 1.0, 2.0, 4.0, 400.0],  # counts: one blockbuster
-        [-2.0, -1.0, 0.0, 1.0, 2.0],  # a signed score (an age, a cosine) stays linear
-        [1.0, np.nan, 3.0, 2.0, 5.0],  # an item the source cannot score
-    ])
-    features = LearnedFusion._standardised(raw)
-    # the order within each source is kept
-    assert list(np.argsort(features[0])) == [0, 1, 2, 3, 4]
-    assert list(np.argsort(features[1])) == [0, 1, 2, 3, 4]
-    # the blockbuster still leads, but no longer squeezes the other items together: they are
-    # told apart by more than twice what linear z-scores leave them
+        [0.1, 0.2, 0.3, 0.4, 0.9],  # cosines, all positive here: not counts, so linear
+        [-2.0, -1.0, 0.0, 1.0, 2.0],  # a signed score stays linear
+    ]
+    if with_unscored:
+        rows.append([1.0, np.nan, 3.0, 2.0, 5.0])  # an item the source cannot score
+    raw = np.array(rows)
+
     def z(row: np.ndarray) -> np.ndarray:
         return (row - row.mean()) / row.std()
 
+    features = LearnedFusion._standardised(raw.copy(), counts=[0])
+    # the order within each source is kept
+    for row in range(3):
+        assert list(np.argsort(features[row])) == [0, 1, 2, 3, 4]
+    # the blockbuster still leads, but no longer squeezes the other items together: they are
+    # told apart by more than twice what linear z-scores leave them
     assert features[0, 4] == features[0].max()
     assert features[0, 3] - features[0, 0] > 2 * (z(raw[0])[3] - z(raw[0])[0])
-    assert np.allclose(features[1], z(raw[1]))
-    assert features[2, 1] == features[2].min()
+    # a source that did not declare counts keeps linear z-scores, whatever its signs
+    assert np.allclose(features[1], z(raw[1])) and np.allclose(features[2], z(raw[2]))
+    if with_unscored:
+        assert features[3, 1] == features[3].min()
 
 
 async def test_rerankers_filter_diversify_and_exclude(tmp_path: Path) -> None:
