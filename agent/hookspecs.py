@@ -84,8 +84,11 @@ def recsys_enrich_event(event: Event, catalog: Catalog) -> Event | None:
 
 
 @hookspec
-def recsys_apply_event(event: Event, user: UserState, slot: int, catalog: Catalog) -> None:
+def recsys_apply_event(event: Event, user: UserState, slot: int, signal: float, catalog: Catalog) -> None:
     """Learn from one accepted, deduplicated event.
+
+    ``signal`` is the event's taste signal (``agent/signals.py``: positive wants more like the
+    item, negative less), computed once by the core and stored with the interaction.
 
     All implementations are called, after the core has appended the event to ``user.recent``
     and added ``slot`` to ``user.seen``. This is where sources update what they learn online

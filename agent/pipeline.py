@@ -132,7 +132,7 @@ class Pipeline:
         user.seen.add(slot)
         user.event_count += 1
         user.last_ts = max(user.last_ts, event.ts)
-        await self.hooks.call_all("recsys_apply_event", event=event, user=user, slot=slot, catalog=self.catalog)
+        await self.hooks.call_all("recsys_apply_event", event=event, user=user, slot=slot, signal=signal, catalog=self.catalog)
         self.metrics.events_applied.inc()
         self.metrics.apply_seconds.observe(time.perf_counter() - started)
         return ApplyOutcome.APPLIED

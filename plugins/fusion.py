@@ -29,9 +29,7 @@ import numpy as np
 
 from agent.context import AgentContext
 from agent.hookspecs import hookimpl
-from agent.models import Event
 from agent.ranking import Candidates, Query, Scored, sorted_unique, top_slots
-from agent.signals import event_signal
 from agent.snapshots import Snapshots
 from agent.state import UserState
 
@@ -89,7 +87,6 @@ class LearnedFusion:
         # segment -> source -> weight
         self.weights: dict[str, dict[str, float]] = {}
         self.feedbacks = 0
-        self.rating_max = 10.0
         # user id -> their latest ranking, least recently ranked first; bounded
         self.pending: OrderedDict[str, Ranking] = OrderedDict()
         self.max_pending = MAX_PENDING
@@ -109,7 +106,6 @@ class LearnedFusion:
         self.max_pending = int(options.get("max_pending_rankings", MAX_PENDING))
         if not 0 < self.learning_rate <= 1 or self.max_pending < 1:
             raise ValueError("[plugins.fusion] learning_rate must be in (0, 1] and max_pending_rankings at least 1")
-        self.rating_max = ctx.settings.rating_max
         ctx.extras["fusion_weights"] = self.weights
         snapshots = Snapshots(ctx.js, f"{ctx.settings.stream_name}_STATE") if ctx.js is not None else None
         if snapshots is not None:
@@ -268,10 +264,10 @@ class LearnedFusion:
             self.pending.popitem(last=False)
 
     @hookimpl(tryfirst=True)
-    def recsys_apply_event(self, event: Event, user: UserState, slot: int) -> None:
+    def recsys_apply_event(self, user: UserState, slot: int, signal: float) -> None:
         # tryfirst: the chosen item's features must be read before the sources learn from it
         ranking = self.pending.pop(user.user_id, None)
-        if ranking is None or event_signal(event.type, event.value, self.rating_max) <= 0:
+        if ranking is None or signal <= 0:
             return
         position = int(np.searchsorted(ranking.union, slot))
         if position >= len(ranking.union) or ranking.union[position] != slot:

@@ -20,9 +20,7 @@ import numpy as np
 from agent.catalog import grow
 from agent.context import AgentContext
 from agent.hookspecs import hookimpl
-from agent.models import Event
 from agent.ranking import Candidates, Query, top_slots
-from agent.signals import event_signal
 from agent.state import UserState
 
 WINDOW = 10
@@ -101,7 +99,6 @@ class ItemToItem:
     """Options (``[plugins.item_to_item]``): ``max_neighbours`` (default 200), ``window``."""
 
     def __init__(self) -> None:
-        self.rating_max = 10.0
         self.window = WINDOW
         self.co = Neighbours(200)
         self.after = Neighbours(200)
@@ -114,7 +111,6 @@ class ItemToItem:
     @asynccontextmanager
     async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
         options = ctx.options("item_to_item")
-        self.rating_max = ctx.settings.rating_max
         self.window = int(options.get("window", WINDOW))
         max_neighbours = int(options.get("max_neighbours", 200))
         if max_neighbours < 10 or self.window < 1:
@@ -123,8 +119,8 @@ class ItemToItem:
         yield
 
     @hookimpl
-    def recsys_apply_event(self, event: Event, user: UserState, slot: int) -> None:
-        if event_signal(event.type, event.value, self.rating_max) <= 0:
+    def recsys_apply_event(self, user: UserState, slot: int, signal: float) -> None:
+        if signal <= 0:
             return
         self.counts = grow(self.counts, slot + 1)
         self.counts[slot] += 1.0

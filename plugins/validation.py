@@ -17,7 +17,7 @@ class EventValidation:
     otherwise dominate every time-decayed statistic) and ratings outside the configured scale.
 
     Options (``[plugins.event_validation]``): ``max_future_skew_s`` (default 86400),
-    ``rating_min`` / ``rating_max`` (default 0 and 10).
+    ``rating_min`` (default 0) / ``rating_max`` (default: the ``rating_max`` setting, 10).
     """
 
     def __init__(self) -> None:
@@ -34,7 +34,8 @@ class EventValidation:
         options = ctx.options("event_validation")
         self.max_future_skew_s = float(options.get("max_future_skew_s", self.max_future_skew_s))
         self.rating_min = float(options.get("rating_min", self.rating_min))
-        self.rating_max = float(options.get("rating_max", self.rating_max))
+        # the agent's rating scale unless this plugin is told otherwise
+        self.rating_max = float(options.get("rating_max", ctx.settings.rating_max))
         yield
 
     @hookimpl

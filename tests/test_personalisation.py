@@ -19,7 +19,7 @@ from agent.hookspecs import hookimpl
 from agent.item_neighbours import ItemNeighbours
 from agent.item_vectors import ItemVectors
 from agent.metrics import Metrics
-from agent.models import Event, Item
+from agent.models import Event, InvalidMessage, Item
 from agent.pipeline import Pipeline
 from agent.plugin_manager import get_plugin_manager
 from agent.ranking import Candidates, Query, Scored
@@ -442,3 +442,6 @@ async def test_trending_weighs_a_top_rating_by_the_configured_scale(tmp_path: Pa
         alien, dune = pipeline.catalog.slot("alien"), pipeline.catalog.slot("dune")
         # the top of a 5-point scale counts as much as the top of any scale: twice a view
         assert scores[alien] / scores[dune] == pytest.approx(2.0)
+        # validation follows the same scale: a 7 is off a 5-point one
+        with pytest.raises(InvalidMessage, match=r"outside \[0.0, 5.0\]"):
+            await pipeline.apply_event(ev(1, "ann", "dune", kind="rate", value=7.0))
