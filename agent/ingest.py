@@ -101,6 +101,12 @@ def _event_type(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
 
 
+def _stored_at(msg: Msg) -> float:
+    """When the stream stored the message (epoch seconds): the same on every replay of it."""
+    stamp = msg.metadata.timestamp
+    return stamp.timestamp() if stamp else time.time()
+
+
 class Ingestor:
     """Turns stream messages into pipeline calls; reports every outcome to the disposition rule."""
 
@@ -128,8 +134,7 @@ class Ingestor:
         obj = decode_json(msg.data, self.settings.max_payload_bytes)
         # A missing timestamp takes the time the stream stored the message, so a rebuild
         # reproduces exactly the state the first pass built.
-        stored_at = meta.timestamp.timestamp() if meta.timestamp else time.time()
-        event = parse_event(obj, now=stored_at, event_type=_event_type(msg.subject))
+        event = parse_event(obj, now=_stored_at(msg), event_type=_event_type(msg.subject))
         seq = meta.sequence.stream
         outcome = await self.pipeline.apply_event(event, seq)
         if outcome is ApplyOutcome.DUPLICATE:
@@ -144,8 +149,7 @@ class Ingestor:
             await self.pipeline.delete_item(obj["id"])
         else:
             # the stream's time: an item rebuilt after a restart keeps the day it was added
-            stored_at = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else None
-            await self.pipeline.upsert_items(parse_items(obj), ts=stored_at)
+            await self.pipeline.upsert_items(parse_items(obj), ts=_stored_at(msg))
 
     async def on_event(self, msg: Msg) -> None:
         if self.stopping:

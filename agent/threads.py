@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -32,12 +33,10 @@ async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
             outcome()
 
     def hand_back(outcome: Callable[[], None]) -> None:
-        try:
+        # RuntimeError: the loop closed while the work ran (its program is stopping, or an
+        # abandoned caller's loop is gone), so nobody is waiting for the outcome any more.
+        with suppress(RuntimeError):
             loop.call_soon_threadsafe(deliver, outcome)
-        except RuntimeError:
-            # The loop closed while the work ran (its program is stopping, or an abandoned
-            # caller's loop is gone): nobody is waiting for the outcome any more.
-            pass
 
     def run() -> None:
         try:
