@@ -159,8 +159,7 @@ class ItemKNN(Baseline):
         self.window = window
         self.cosine = similarity == "cosine"
         # np.zeros maps pages lazily: rows of items nobody interacts with cost no memory.
-        self.cooccurrence = np.empty((n_items, n_items), dtype=np.float32)
-        self.cooccurrence.fill(0.0)
+        self.cooccurrence = np.zeros((n_items, n_items), dtype=np.float32)
         # 1 / sqrt(n_i), with n_i floored at 1 so unseen items (all-zero columns) stay at 0
         self.inverse_norm = np.ones(n_items, dtype=np.float32)
         self.counts = np.zeros(n_items)

@@ -15,6 +15,11 @@ EVENT_SIGNAL: dict[str, float] = {
 }
 
 
+def rating_share(value: float, rating_max: float) -> float:
+    """Where a rating stands on the agent's scale, from 0 (bottom or below) to 1 (top or above)."""
+    return max(0.0, min(value / rating_max, 1.0)) if rating_max > 0 else 0.0
+
+
 def event_signal(event_type: str, value: float | None, rating_max: float) -> float:
     """Taste signal of one event; a rating is an engagement scaled by its value.
 
@@ -22,5 +27,5 @@ def event_signal(event_type: str, value: float | None, rating_max: float) -> flo
     positive: a low rating predicts what the user will consume next better than nothing does.
     """
     if event_type == "rate" and value is not None and rating_max > 0:
-        return 0.5 + max(0.0, min(value / rating_max, 1.0))
+        return 0.5 + rating_share(value, rating_max)
     return EVENT_SIGNAL.get(event_type, 0.0)

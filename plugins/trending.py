@@ -14,6 +14,7 @@ from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.models import Event
 from agent.ranking import Candidates, Query, first_allowed, top_slots
+from agent.signals import rating_share
 from agent.state import UserState
 
 # How much one event says about an item's appeal. Negative feedback adds nothing rather than
@@ -146,7 +147,7 @@ class Trending:
         weight = EVENT_WEIGHTS.get(event.type, 0.0)
         if event.type == "rate" and event.value is not None:
             # A rating counts as an interaction whatever its value; high ratings a bit more.
-            weight = 1.0 + max(0.0, min(event.value / self.rating_max, 1.0))
+            weight = 1.0 + rating_share(event.value, self.rating_max)
         return weight
 
     @hookimpl
