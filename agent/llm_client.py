@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -101,7 +100,6 @@ class LLMOutputError(LLMError):
 @dataclass(frozen=True, slots=True)
 class Completion:
     data: dict[str, Any]
-    elapsed_s: float
     prompt_tokens: int | None
     completion_tokens: int | None
 
@@ -177,9 +175,8 @@ def validate_profile(obj: dict[str, Any]) -> dict[str, Any]:
 class ChatClient:
     """One aiohttp session to one server; use as ``async with ChatClient(...) as client``.
 
-    ``observer``, when given, sees every request body just before it is sent; tests use it and
-    so can an operator's audit hook. Nothing here logs message contents: the debug log names the
-    model, the dialect and the size of what leaves the process.
+    Nothing here logs message contents: the debug log names the model, the dialect and the size
+    of what leaves the process.
     """
 
     def __init__(
@@ -193,7 +190,6 @@ class ChatClient:
         max_tokens: int = 256,
         temperature: float = 0.0,
         max_connections: int = 4,
-        observer: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.models_url = base_url.rstrip("/") + "/models"
@@ -202,7 +198,6 @@ class ChatClient:
         self.timeout_s = timeout_s
         self.max_tokens = max_tokens
         self.temperature = temperature
-        self.observer = observer
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -258,8 +253,6 @@ class ChatClient:
         Shape checks beyond "a JSON object" belong to the caller (see validate_profile).
         """
         body = self.request_body(messages, schema, schema_name)
-        if self.observer is not None:
-            self.observer(body)
         payload = json.dumps(body, ensure_ascii=False).encode()
         log.debug(
             "LLM request: model=%s dialect=%s messages=%d bytes=%d", self.model, self.dialect.value, len(messages), len(payload)
@@ -292,7 +285,6 @@ class ChatClient:
         log.debug("LLM answer: %.3f s, finish=%s, bytes=%d", elapsed, finish, len(content))
         return Completion(
             data=data,
-            elapsed_s=elapsed,
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
         )
