@@ -57,7 +57,8 @@ class Settings:
     embedding_model: str = "all-MiniLM-L6-v2"
     # cpu, cuda, cuda:1, mps ...
     embedding_device: str = "cpu"
-    # above this many items the content source asks Qdrant instead of its in-memory copy
+    # above this many items the content source searches in Qdrant instead of scanning its
+    # in-memory copy (which it still keeps, for taste vectors and diversity)
     vector_cache_max_items: int = 500_000
     # how long JetStream waits for an ack before redelivering, and how often
     ack_wait_s: float = 30.0

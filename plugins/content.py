@@ -353,7 +353,7 @@ class ContentRetrieval:
         return reason
 
     @hookimpl
-    def recsys_candidates(self, query: Query) -> list[Candidates] | None:
+    def recsys_candidates(self, query: Query) -> Any:
         taste = self.taste(query.user)
         if taste is None or self.vectors is None:
             return None
@@ -396,13 +396,15 @@ class ContentRetrieval:
             found.append((pool[best], best_scores))
         return found
 
-    def _search_qdrant(self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]) -> list[Candidates]:
-        # Catalogs too large for the in-memory copy are searched in Qdrant (HNSW on a server).
-        assert self.store is not None
+    async def _search_qdrant(self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]) -> list[Candidates]:
+        # Catalogs beyond the in-memory scan's size are searched in Qdrant (HNSW on a server):
+        # a blocking client call, so in a thread, never on the event loop.
+        store = self.store
+        assert store is not None
         catalog = query.catalog
         results = []
         for source, vector in queries:
-            hits = self.store.search(vector, query.n_candidates + len(query.exclude))
+            hits = await asyncio.to_thread(store.search, vector, query.n_candidates + len(query.exclude))
             pairs = [(catalog.slot(item_id), score) for item_id, score in hits]
             allowed = query.allowed()
             kept = [(s, sc) for s, sc in pairs if s is not None and s < len(allowed) and allowed[s]][: query.n_candidates]

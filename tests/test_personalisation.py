@@ -82,9 +82,12 @@ def ids(pipeline: Pipeline, cands: Candidates) -> list[str]:
     return [pipeline.catalog.ids[s] for s in cands.slots.tolist()]
 
 
-@pytest.mark.parametrize("search", ["scan", "neighbours"])
+@pytest.mark.parametrize("search", ["scan", "neighbours", "qdrant"])
 async def test_content_source_follows_the_users_taste_with_reasons(tmp_path: Path, search: str) -> None:
-    async with pipeline_on(tmp_path, plugins={"content": {"search": search, "neighbours": 4}}) as pipeline:
+    # "qdrant": a catalog above vector_cache_max_items is searched in Qdrant itself
+    options = {"search": "scan" if search == "qdrant" else search, "neighbours": 4}
+    limit = 0 if search == "qdrant" else 500_000
+    async with pipeline_on(tmp_path, plugins={"content": options}, vector_cache_max_items=limit) as pipeline:
         assert pipeline.pm.get_plugin("content").neighbours.ready == (search == "neighbours")
         for n, item in enumerate(["sw", "trek"]):
             await pipeline.apply_event(ev(n, "ann", item))
