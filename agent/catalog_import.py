@@ -86,10 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"embedded {len(items)} items in {seconds:.1f} s into Qdrant ({settings.qdrant_url or settings.data_dir / 'qdrant'})")
         asyncio.run(publish_items(settings, items))
     except (CatalogImportError, DatasetError, OSError) as exc:
-        message = str(exc)
-        if "already accessed by another instance" in message:
-            message = "the data dir's Qdrant is in use by a running agent: stop it, or run both against --qdrant-url"
-        print(f"recsys-agent catalog import: {message}", file=sys.stderr)
+        print(f"recsys-agent catalog import: {exc}", file=sys.stderr)
         return 1
     print(f"published {len(items)} items to {settings.subject('catalog', 'upsert')}")
     return 0

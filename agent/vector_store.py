@@ -33,7 +33,16 @@ class VectorStore:
         else:
             assert path is not None
             path.mkdir(parents=True, exist_ok=True)
-            self.client = QdrantClient(path=str(path))
+            try:
+                self.client = QdrantClient(path=str(path))
+            except RuntimeError as exc:
+                # local mode locks its folder: say what to do, for every caller (agent, import, replay)
+                if "already accessed by another instance" not in str(exc):
+                    raise
+                raise RuntimeError(
+                    f"the Qdrant store at {path} is in use by another process (a running agent?): stop it, "
+                    "or run both against a Qdrant server (--qdrant-url)"
+                ) from None
             self.where = str(path)
         self.collection = collection
         self.dim = dim

@@ -58,3 +58,12 @@ async def test_import_stops_when_content_retrieval_reports_it_could_not_start(tm
     settings = load_settings(env={}, overrides={"data_dir": str(tmp_path), "load_entry_points": False})
     with pytest.raises(CatalogImportError, match=r"content retrieval could not start: no such model \(plugin content\)"):
         await embed_items(settings, read_items(items_file))
+
+
+def test_a_locked_local_store_says_what_to_do(tmp_path: Path) -> None:
+    first = VectorStore("items", 4, path=tmp_path / "qdrant")
+    try:
+        with pytest.raises(RuntimeError, match=r"in use by another process .*--qdrant-url"):
+            VectorStore("items", 4, path=tmp_path / "qdrant")
+    finally:
+        first.close()
