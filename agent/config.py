@@ -52,6 +52,8 @@ class Settings:
     catalog_timeout_s: float = 600.0
     # empty: qdrant-client's local mode under data_dir/qdrant; else a Qdrant server or cluster
     qdrant_url: str = ""
+    # a Qdrant server's API key; best given as RECSYS_QDRANT_API_KEY, not in a file
+    qdrant_api_key: str = field(default="", repr=False)
     qdrant_collection: str = "recsys_items"
     # sentence-transformers model: the bundled all-MiniLM-L6-v2, a local path or a cached name
     embedding_model: str = "all-MiniLM-L6-v2"

@@ -134,7 +134,7 @@ class ContentRetrieval:
         self.embedder = await in_daemon_thread(shared_embedder, settings.embedding_model, settings.embedding_device)
         store = await asyncio.to_thread(
             VectorStore, settings.qdrant_collection, self.embedder.dim,
-            path=settings.data_dir / "qdrant", url=settings.qdrant_url,
+            path=settings.data_dir / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key or None,
         )
         self.store = store
         self._stored = {item_id: (h, v) for item_id, h, v in await asyncio.to_thread(lambda: list(store.scan()))}

@@ -89,3 +89,9 @@ def test_user_tokens_round_trip_and_are_subject_safe(user_id: str) -> None:
     assert user_id_from_token(token) == user_id
     assert not any(c in token for c in ". *>")
     assert (token == user_id) == all(c.isascii() and (c.isalnum() or c in "_-") for c in user_id)
+
+
+def test_the_qdrant_api_key_comes_from_the_environment_and_is_never_printed() -> None:
+    settings = load_settings(env={"RECSYS_QDRANT_URL": "https://qdrant.example:6333", "RECSYS_QDRANT_API_KEY": "s3cret"})
+    assert settings.qdrant_url == "https://qdrant.example:6333" and settings.qdrant_api_key == "s3cret"
+    assert "s3cret" not in repr(settings)
