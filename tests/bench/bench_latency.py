@@ -59,15 +59,17 @@ async def main(args: argparse.Namespace) -> None:
     print(f"catalog import of {len(items)} items: {time.perf_counter() - started:.1f} s")
     events = [orjson.loads(line) for line in open(args.events, encoding="utf-8")]
 
+    config = ["--config", args.config] if args.config else []
     process, nats_url, http_url = await start_agent(
-        "--data-dir", str(data_dir), "--nats-port", "0", "--http-port", "0", "--log-level", "WARNING"
+        "--data-dir", str(data_dir), "--nats-port", "0", "--http-port", "0", "--log-level", "WARNING", *config
     )
     try:
         async with aiohttp.ClientSession() as http:
             started = time.perf_counter()
             while True:
                 state = await health(http, http_url)
-                if state["items"] >= len(items) and state["item_vectors"] >= len(items):
+                # a configuration without the content plugin has no vectors to wait for
+                if state["items"] >= len(items) and (args.no_vectors or state["item_vectors"] >= len(items)):
                     break
                 await asyncio.sleep(0.5)
             print(f"agent ready with {state['items']} items and vectors in {time.perf_counter() - started:.1f} s")
@@ -152,5 +154,7 @@ if __name__ == "__main__":
     parser.add_argument("--ingest", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--data-dir", default="out/bench-data")
+    parser.add_argument("--config", default=None, help="agent configuration file (e.g. some stages disabled)")
+    parser.add_argument("--no-vectors", action="store_true", help="do not wait for item vectors (content disabled)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     asyncio.run(main(parser.parse_args()))
