@@ -28,6 +28,12 @@ import orjson
 
 from tests.test_cli import start_agent
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -94,6 +100,7 @@ async def main(args: argparse.Namespace) -> None:
             run = os.urandom(4).hex()
             # latency at a fixed rate
             total = int(args.rate * args.seconds)
+            cpu_before = cpu_seconds(process.pid)
             start = time.perf_counter()
             for n in range(total):
                 source = events[n % len(events)]
@@ -109,10 +116,12 @@ async def main(args: argparse.Namespace) -> None:
             deadline = time.perf_counter() + 30
             while len(received.keys() & sent.keys()) < total and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
+            cpu_used = cpu_seconds(process.pid) - cpu_before
             latencies = [1000 * (received[e] - sent[e]) for e in sent if e in received]
             print(f"latency at {args.rate:.0f} events/s for {send_seconds:.1f} s ({total} events, {pushes} pushes, "
                   f"{len(latencies)} reflected): p50 {statistics.median(latencies):.2f} ms, "
-                  f"p90 {percentile(latencies, 0.9):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms, max {max(latencies):.1f} ms")
+                  f"p90 {percentile(latencies, 0.9):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms, max {max(latencies):.1f} ms; "
+                  f"agent CPU {1000 * cpu_used / total:.2f} ms per event ({1000 * cpu_used / max(pushes, 1):.2f} ms per push)")
 
             # ingest: as fast as the client can publish; pushes coalesce under this load
             before = (await health(http, http_url))["events_applied"]

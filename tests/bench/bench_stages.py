@@ -5,7 +5,7 @@
 Loads the catalog into a pipeline with the built-in plugins (item vectors cached in
 ``--data-dir`` across runs), applies ``--warmup`` events to build state, then for each of the
 next ``--measure`` events asks for that user's recommendations and applies the event, as a push
-would. Prints the median rank and apply times and the mean time per (hook, plugin), so a change
+would. ``--lists FILE`` writes every list, so two versions meant to agree can be diffed. Prints the median rank and apply times and the mean time per (hook, plugin), so a change
 to one stage can be compared with a run made just before it on the same machine.
 """
 
@@ -40,16 +40,21 @@ async def main(args: argparse.Namespace) -> None:
             await pipeline.apply_event(event, seq)
         table = pipeline.hooks.time_stages()
         rank_ms, apply_ms = [], []
+        lists: list[str] = []
         for seq, event in enumerate(events[args.warmup :], start=args.warmup + 1):
             now = event.ts
             started = time.perf_counter()
-            await pipeline.recommend(event.user_id, settings.default_k)
+            recs = await pipeline.recommend(event.user_id, settings.default_k)
             middle = time.perf_counter()
             await pipeline.apply_event(event, seq)
             rank_ms.append(1000 * (middle - started))
             apply_ms.append(1000 * (time.perf_counter() - middle))
+            if args.lists:
+                lists.append(" ".join(f"{item.item_id}:{item.score:.6g}" for item in recs.items))
             # let background work (embedding, summaries) run as it would live
             await asyncio.sleep(0)
+    if args.lists:
+        Path(args.lists).write_text("\n".join(lists) + "\n", encoding="utf-8")
     count = len(rank_ms)
     print(f"{count} events after {args.warmup} of warm-up: recommend p50 {statistics.median(rank_ms):.3f} ms, "
           f"mean {statistics.fmean(rank_ms):.3f} ms; apply p50 {statistics.median(apply_ms):.3f} ms, mean {statistics.fmean(apply_ms):.3f} ms")
@@ -66,6 +71,7 @@ if __name__ == "__main__":
     parser.add_argument("--measure", type=int, default=3_000)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--data-dir", default="out/bench-stages")
+    parser.add_argument("--lists", default=None, help="write every list (ids and scores) here, to diff two versions that should agree")
     # as in the agent's process
     with limit_blas_threads():
         asyncio.run(main(parser.parse_args()))
