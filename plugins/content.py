@@ -52,6 +52,8 @@ EMBED_CHUNK = 256
 THREAD_JOIN_S = 2.0
 PROGRESS_FROM = 1_000
 PROFILE_REASON = "matches your interest profile"
+# the embedded LLM profile's key in UserState.extras
+PROFILE_VECTOR = "content.profile_vector"
 VERBS = {"view": "viewed", "click": "opened", "like": "liked", "add_to_cart": "added to your cart",
          "purchase": "bought", "rate": "rated"}
 
@@ -62,6 +64,14 @@ class Taste:
     long: np.ndarray
     # (slot, event type) of recent positive interactions, newest last, for "similar to X" reasons
     positives: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """An item delete, queued behind the upserts before it (see ``recsys_catalog_delete``)."""
+
+    item_id: str
+    slot: int
 
 
 @dataclass(slots=True)
@@ -86,9 +96,9 @@ class ContentRetrieval:
         self.enabled_sources = {"content_recent", "content_long", "profile"}
         # vectors found in Qdrant at start, waiting for their item to be upserted again
         self._stored: dict[str, tuple[str, np.ndarray]] = {}
-        self._queue: asyncio.Queue[list[tuple[Item, int]]] = asyncio.Queue()
+        # catalog work in stream order: upsert batches and deletes
+        self._queue: asyncio.Queue[list[tuple[Item, int]] | Deletion] = asyncio.Queue()
         self._ready = asyncio.Event()
-        self._profiles: dict[str, ProfileVector] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._catalog: Catalog | None = None
         # why the model or Qdrant could not be opened, for recsys_settle to report
@@ -156,13 +166,16 @@ class ContentRetrieval:
                 self._queue.task_done()
         self._ready.set()
         while True:
-            batch = await self._queue.get()
+            work = await self._queue.get()
             try:
-                await self._embed(self._needing_vectors(batch))
-                await self._project_if_grown()
+                if isinstance(work, Deletion):
+                    await self._delete(work)
+                else:
+                    await self._embed(self._needing_vectors(work))
+                    await self._project_if_grown()
                 self._metrics_gauge()
             except Exception:
-                log.exception("embedding a catalog batch failed; those items stay out of content retrieval")
+                log.exception("catalog work failed in content retrieval (%s)", "a delete" if isinstance(work, Deletion) else "embedding a batch")
             finally:
                 self._queue.task_done()
 
@@ -213,7 +226,7 @@ class ContentRetrieval:
         assert self.vectors is not None and self.embedder is not None and self._catalog is not None
         todo = []
         for item, slot in batch:
-            if self._catalog.items[slot] is not item:
+            if self._catalog.item(slot) is not item:
                 continue  # replaced or deleted since it was queued
             text = item_text(item)
             digest = content_hash(text, self.embedder.name)
@@ -263,12 +276,20 @@ class ContentRetrieval:
             progress.close()
 
     @hookimpl
-    def recsys_catalog_delete(self, item_id: str, slot: int) -> Any:
-        if self.vectors is not None:
-            self.vectors.remove(slot)
-        if self.store is not None:
-            return asyncio.to_thread(self.store.delete, [item_id])
-        return None
+    def recsys_catalog_delete(self, item_id: str, slot: int) -> None:
+        # Queued behind the upserts before it, like them: a delete that arrives while the
+        # model or Qdrant is still opening (a restart replays the catalog stream), or while
+        # the item's batch is being encoded, must still leave Qdrant without the item. The
+        # catalog has already made the item inactive, so no list shows it meanwhile.
+        self._queue.put_nowait(Deletion(item_id, slot))
+
+    async def _delete(self, deletion: Deletion) -> None:
+        assert self.vectors is not None and self.store is not None and self._catalog is not None
+        if self._catalog.item(deletion.slot) is not None:
+            return  # upserted again since: that upsert, queued after this, decides
+        self._stored.pop(deletion.item_id, None)
+        self.vectors.remove(deletion.slot)
+        await asyncio.to_thread(self.store.delete, [deletion.item_id])
 
     # -- taste ---------------------------------------------------------------------------------
 
@@ -291,10 +312,6 @@ class ContentRetrieval:
         positives = [(i.slot, i.type) for i, s in zip(history, signals.tolist(), strict=True) if s > 0][-RECENT_POSITIVES:]
         return Taste(short=short, long=long, positives=positives)
 
-    @hookimpl
-    def recsys_forget_user(self, user_id: str) -> None:
-        self._profiles.pop(user_id, None)
-
     # -- retrieval -----------------------------------------------------------------------------
 
     def _queries(self, user: UserState, taste: Taste) -> list[tuple[str, np.ndarray]]:
@@ -310,7 +327,10 @@ class ContentRetrieval:
         from_llm = isinstance(profile_dict, dict) and profile_dict.get("source") == "llm"
         text = profile_text(profile_dict) if from_llm else ""  # type: ignore[arg-type]
         if "profile" in self.enabled_sources and text:
-            profile = self._profiles.setdefault(user.user_id, ProfileVector())
+            # in the user's extras, so it goes when the user is evicted or forgotten
+            profile = user.extras.get(PROFILE_VECTOR)
+            if not isinstance(profile, ProfileVector):
+                profile = user.extras[PROFILE_VECTOR] = ProfileVector()
             if text != profile.text:
                 self._embed_profile_later(user.user_id, profile, text)
             if profile.vector is not None:

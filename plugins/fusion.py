@@ -31,7 +31,7 @@ from agent.context import AgentContext
 from agent.hookspecs import hookimpl
 from agent.ranking import Candidates, Query, Scored, sorted_unique, top_slots
 from agent.snapshots import Snapshots
-from agent.state import UserState
+from agent.state import UserState, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class LearnedFusion:
         self._rng = np.random.default_rng(0)
         self._uniform_pool = np.empty(0)
         self._uniform_at = 0
+        self._users: UserStore | None = None
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -107,6 +108,7 @@ class LearnedFusion:
         if not 0 < self.learning_rate <= 1 or self.max_pending < 1:
             raise ValueError("[plugins.fusion] learning_rate must be in (0, 1] and max_pending_rankings at least 1")
         ctx.extras["fusion_weights"] = self.weights
+        self._users = ctx.users
         snapshots = Snapshots(ctx.js, f"{ctx.settings.stream_name}_STATE") if ctx.js is not None else None
         if snapshots is not None:
             saved = await snapshots.load(SNAPSHOT_KEY)
@@ -239,9 +241,10 @@ class LearnedFusion:
             Scored(slot, score, [], names_[:count])
             for slot, score, names_, count in zip(top_slots_.tolist(), scores.tolist(), by_strength, counts, strict=True)
         ]
-        # Only rankings of known users are remembered: a read for a user the agent does not
-        # hold must not grow memory.
-        if query.user.event_count:
+        # Only rankings of users the agent holds are remembered: a read for an unknown user
+        # must not grow memory, and a user forgotten while an asynchronous source was awaited
+        # must not come back here.
+        if query.user.event_count and (self._users is None or self._users.get(query.user.user_id) is query.user):
             # negatives: the list the user was shown (its first k) and passed over, and a sample
             # of the rest of the candidates
             sample = (self._uniforms() * len(union)).astype(np.int64)

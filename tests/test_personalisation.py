@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from agent.pipeline import Pipeline
 from agent.plugin_manager import get_plugin_manager
 from agent.ranking import Candidates, Query, Scored
 from agent.state import UserState, UserStore
-from plugins.content import Taste
+from plugins.content import PROFILE_VECTOR, ProfileVector, Taste
 from plugins.fusion import LearnedFusion
 from plugins.rerankers import Diversity, category_jaccard
 
@@ -127,6 +128,77 @@ async def test_deleted_item_leaves_qdrant_and_the_lists(tmp_path: Path) -> None:
         assert all("trek" not in ids(pipeline, c) for c in found.values())
         content = pipeline.pm.get_plugin("content")
         assert content.store.count() == len(FILMS) - 1
+
+
+async def test_a_delete_before_content_is_ready_still_leaves_qdrant(tmp_path: Path, embed_calls: list[int]) -> None:
+    # A restart replays the catalog stream (upsert, then delete) while the model and Qdrant are
+    # still opening; a live delete can land while the item's batch waits to be encoded.
+    async with pipeline_on(tmp_path):
+        pass
+    embed_calls.clear()
+    settings = offline(tmp_path)
+    pipeline = Pipeline(settings, get_plugin_manager(settings))
+    async with pipeline.running():
+        fresh = Item("new", "Solaris", "A psychologist is sent to a station orbiting an ocean planet", ("Sci-Fi",))
+        await pipeline.upsert_items([*FILMS, fresh])
+        assert await pipeline.delete_item("trek") and await pipeline.delete_item("new")
+        await pipeline.settle()
+        content = pipeline.pm.get_plugin("content")
+        assert content.store.count() == len(FILMS) - 1, "the stored point of the deleted item is gone"
+        assert embed_calls == [], "an item deleted before its turn is not embedded"
+        assert not content.vectors.has(pipeline.catalog.slot("trek"))
+        # upserted again after the delete: back in Qdrant and in the lists
+        await pipeline.upsert_items([FILMS[2]])
+        await pipeline.settle()
+        assert content.store.count() == len(FILMS) and content.vectors.has(pipeline.catalog.slot("trek"))
+
+
+async def test_an_llm_profile_becomes_a_query_held_with_the_user(tmp_path: Path) -> None:
+    async with pipeline_on(tmp_path) as pipeline:
+        await pipeline.apply_event(ev(0, "cy", "notting"))
+        user = pipeline.users.get("cy")
+        user.extras["profile"] = {"source": "llm", "summary": "Loves space exploration films", "interests": ["astronauts", "planets"]}
+        assert "profile" not in await sources_for(pipeline, "cy"), "embedded off the hot path, not while ranking"
+        content = pipeline.pm.get_plugin("content")
+        for task in list(content._tasks):
+            await task
+        found = ids(pipeline, (await sources_for(pipeline, "cy"))["profile"])
+        assert set(found[:3]) <= SCIFI, found
+        # kept in the user's extras: gone with the user, so never more than the users held
+        assert isinstance(user.extras.get(PROFILE_VECTOR), ProfileVector)
+        assert await pipeline.forget_user("cy")
+        assert pipeline.users.get("cy") is None
+
+
+async def test_a_user_forgotten_while_ranked_leaves_no_ranking_behind(tmp_path: Path) -> None:
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    class SlowSource:
+        """A source that answers asynchronously (as a remote one would), held at a gate."""
+
+        @hookimpl
+        def recsys_candidates(self, query: Query) -> Any:
+            async def answer() -> None:
+                entered.set()
+                await gate.wait()
+
+            return answer()
+
+    async with pipeline_on(tmp_path, ("slow", SlowSource())) as pipeline:
+        for n, item in enumerate(["sw", "trek"]):
+            await pipeline.apply_event(ev(n, "di", item))
+        fusion = pipeline.pm.get_plugin("fusion")
+        gate.set()
+        await pipeline.recommend("di")
+        assert "di" in fusion.pending, "a ranking is kept to learn from the user's next event"
+        gate.clear()
+        entered.clear()
+        ranking = asyncio.create_task(pipeline.recommend("di"))
+        await entered.wait()
+        assert await pipeline.forget_user("di")
+        gate.set()
+        await ranking
+        assert "di" not in fusion.pending
 
 
 async def test_transitions_and_co_occurrence_are_learned_online(tmp_path: Path) -> None:
