@@ -132,7 +132,8 @@ class Agent:
             self.metrics.requests.labels(via="nats").inc()
             try:
                 request = parse_recommend_request(
-                    decode_json(msg.data, self.settings.max_payload_bytes), max_k=self.settings.max_k
+                    decode_json(msg.data, self.settings.max_payload_bytes),
+                    max_k=self.settings.max_k, default_k=self.settings.default_k,
                 )
                 recs = await self.pipeline.recommend(
                     request.user_id, request.k, categories=request.categories, exclude=request.exclude

@@ -61,15 +61,28 @@ async def post_events(request: web.Request) -> web.Response:
                 raise InvalidMessage(f"event {position}: {exc}" if isinstance(body, list) else str(exc)) from None
     except InvalidMessage as exc:
         return _error(400, str(exc))
-    sequences = []
+    # Every event is checked before any is stored: a refused batch stores nothing.
+    payloads = []
     for obj, event in parsed:
         payload = orjson.dumps(obj)
         if len(payload) > state.settings.max_payload_bytes:
             return _error(413, f"an event of {len(payload)} bytes exceeds the limit of {state.settings.max_payload_bytes}")
+        payloads.append((event, payload))
+    sequences: list[int] = []
+    for event, payload in payloads:
         # JetStream drops a repeat of the same Nats-Msg-Id within its window; the agent's own
         # dedup covers repeats after that.
         headers = {"Nats-Msg-Id": event.id} if event.id is not None else None
-        ack = await state.js.publish(state.settings.subject("events", event.type), payload, headers=headers)
+        try:
+            ack = await state.js.publish(state.settings.subject("events", event.type), payload, headers=headers)
+        except Exception as exc:
+            # The first len(sequences) events are stored: the client resends only the rest
+            # (resending an event without an id would apply it twice).
+            log.warning("event stream unavailable after %d of %d events: %s", len(sequences), len(payloads), exc)
+            return _json(
+                {"error": f"event stream unavailable: {type(exc).__name__}", "accepted": len(sequences), "sequences": sequences},
+                status=503,
+            )
         sequences.append(ack.seq)
     return _json({"accepted": len(sequences), "sequences": sequences}, status=202)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
@@ -28,6 +28,8 @@ from agent.pipeline import ApplyOutcome, Pipeline
 log = logging.getLogger(__name__)
 
 REBUILD_IDLE_TIMEOUT_S = 5.0
+# messages that fail while rebuilding are each logged with their traceback up to this many
+MAX_REBUILD_REPORTS = 5
 # a drain waits for messages already delivered to this agent; when the bus is gone it gives up
 DRAIN_TIMEOUT_S = 3.0
 
@@ -127,6 +129,7 @@ class Ingestor:
         self.rebuilt_up_to: dict[str, int] = {}
         self.stopping = False
         self.undelivered = 0
+        self.rebuild_failures = 0
 
     async def _apply_event_message(self, msg: Msg) -> tuple[str, str] | None:
         """Apply one event message; returns (user_id, event key) when a push is owed."""
@@ -134,7 +137,9 @@ class Ingestor:
         obj = decode_json(msg.data, self.settings.max_payload_bytes)
         # A missing timestamp takes the time the stream stored the message, so a rebuild
         # reproduces exactly the state the first pass built.
-        event = parse_event(obj, now=_stored_at(msg), event_type=_event_type(msg.subject))
+        stored_at = _stored_at(msg)
+        event = parse_event(obj, now=stored_at, event_type=_event_type(msg.subject))
+        event.received_at = stored_at
         seq = meta.sequence.stream
         outcome = await self.pipeline.apply_event(event, seq)
         if outcome is ApplyOutcome.DUPLICATE:
@@ -197,15 +202,27 @@ class Ingestor:
         await self._replay(self.settings.catalog_stream_name, self._rebuild_catalog)
         count = await self._replay(self.settings.stream_name, self._rebuild_event)
         self.pipeline.metrics.events_rebuilt.inc(count)
+        if self.rebuild_failures:
+            log.error("%d messages could not be applied while rebuilding and were skipped", self.rebuild_failures)
 
     async def _rebuild_catalog(self, msg: Msg) -> None:
-        with suppress(InvalidMessage):
-            await self._apply_catalog_message(msg)
+        await self._rebuild_one(msg, self._apply_catalog_message)
 
     async def _rebuild_event(self, msg: Msg) -> None:
+        await self._rebuild_one(msg, self._apply_event_message)
+
+    async def _rebuild_one(self, msg: Msg, apply: Callable[[Msg], Awaitable[object]]) -> None:
         # Invalid messages were dead-lettered on their first pass; replay skips them quietly.
-        with suppress(InvalidMessage):
-            await self._apply_event_message(msg)
+        # One that fails otherwise (it was retried and dead-lettered, or a plugin changed
+        # since) is skipped with a report: one message must not stop every later start.
+        try:
+            await apply(msg)
+        except InvalidMessage:
+            pass
+        except Exception:
+            self.rebuild_failures += 1
+            if self.rebuild_failures <= MAX_REBUILD_REPORTS:
+                log.exception("skipped message %d of %s while rebuilding", msg.metadata.sequence.stream, msg.subject)
 
     async def _replay(self, stream: str, apply: Callable[[Msg], object]) -> int:
         info = await self.js.stream_info(stream)
@@ -242,19 +259,33 @@ class Ingestor:
         log.info("rebuilt %d messages of stream %s in %.2f s", count, stream, time.perf_counter() - started)
         return count
 
+    def _consumer_config(self, stream: str, max_ack_pending: int) -> api.ConsumerConfig:
+        """The durable consumer's configuration, used only when it does not exist yet (an
+        existing one keeps its own, and its position).
+
+        A new consumer starts after what the rebuild applied: from the stream's start it
+        would apply every event a second time (the deduplicator holds only so many keys).
+        """
+        return api.ConsumerConfig(
+            ack_wait=self.settings.ack_wait_s,
+            # JetStream stops redelivering after max_deliver + 1; by then decide() has
+            # dead-lettered the message.
+            max_deliver=self.settings.max_deliver + 1,
+            max_ack_pending=max_ack_pending,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.rebuilt_up_to.get(stream, 0) + 1,
+        )
+
     @asynccontextmanager
     async def consuming(self) -> AsyncIterator[None]:
         """Durable push consumers for the catalog and the events, drained on exit."""
-        ack_wait = self.settings.ack_wait_s
-        # JetStream stops redelivering after max_deliver + 1; by then decide() has dead-lettered it.
-        max_deliver = self.settings.max_deliver + 1
         catalog_sub = await self.js.subscribe(
             self.subjects.upsert.rsplit(".", 1)[0] + ".>",
             durable=f"{self.settings.consumer_name}-catalog",
             stream=self.settings.catalog_stream_name,
             cb=self.on_catalog,
             manual_ack=True,
-            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=1_000),
+            config=self._consumer_config(self.settings.catalog_stream_name, 1_000),
         )
         events_sub = await self.js.subscribe(
             self.subjects.events,
@@ -262,7 +293,7 @@ class Ingestor:
             stream=self.settings.stream_name,
             cb=self.on_event,
             manual_ack=True,
-            config=api.ConsumerConfig(ack_wait=ack_wait, max_deliver=max_deliver, max_ack_pending=self.settings.max_ack_pending),
+            config=self._consumer_config(self.settings.stream_name, self.settings.max_ack_pending),
         )
         # waiting here, and still in the stream for this consumer
         self.undelivered = 0

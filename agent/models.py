@@ -36,6 +36,9 @@ class Event:
     item_id: str | None = None
     value: float | None = None
     context: dict[str, Any] = field(default_factory=dict)
+    # When the event stream stored it (not on the wire): checks against "now" use this, so
+    # that a rebuild at start judges every event as it was judged when it arrived.
+    received_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "user_id": self.user_id, "ts": self.ts}
@@ -151,7 +154,11 @@ def parse_timestamp(value: Any) -> float:
         if not _RFC3339.match(value):
             raise InvalidMessage(f"field 'ts' is not an RFC 3339 timestamp: {value[:64]!r}")
         text = value.replace("z", "Z").replace("Z", "+00:00")
-        return datetime.fromisoformat(text).timestamp()
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except (ValueError, OverflowError, OSError) as exc:
+            # the right shape, but no such moment (February 30th, hour 25, offset +99:00)
+            raise InvalidMessage(f"field 'ts' is not a valid date: {value[:64]!r} ({exc})") from None
     ts = _number(value, "ts")
     if ts < 0:
         raise InvalidMessage("field 'ts' must not be negative")
@@ -248,12 +255,12 @@ class RecommendRequest:
     exclude: tuple[str, ...] = ()
 
 
-def parse_recommend_request(obj: Any, *, max_k: int) -> RecommendRequest:
+def parse_recommend_request(obj: Any, *, max_k: int, default_k: int = 10) -> RecommendRequest:
     if not isinstance(obj, dict):
         raise InvalidMessage("a recommend request must be a JSON object")
     user_id = _require_str(obj, "user_id")
     assert user_id is not None
-    k_raw = obj.get("k", 10)
+    k_raw = obj.get("k", min(default_k, max_k))
     if isinstance(k_raw, bool) or not isinstance(k_raw, int) or not 1 <= k_raw <= max_k:
         raise InvalidMessage(f"field 'k' must be an integer between 1 and {max_k}")
     categories = obj.get("categories") or []

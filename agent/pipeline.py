@@ -116,15 +116,24 @@ class Pipeline:
         started = time.perf_counter()
         for plugin, reason in await self.hooks.call_all("recsys_validate_event", event=event, catalog=self.catalog):
             raise InvalidMessage(f"{reason} (plugin {plugin})")
-        verdict = self.dedup.check(self.event_key(event, seq), seq)
+        key = self.event_key(event, seq)
+        verdict = self.dedup.check(key, seq)
         if verdict == "duplicate":
             self.metrics.events_duplicate.inc()
             return ApplyOutcome.DUPLICATE
         if verdict == "redelivery":
             self.metrics.events_redelivered.inc()
             return ApplyOutcome.REDELIVERY
-        event = await self.hooks.call_chain("recsys_enrich_event", "event", event=event, catalog=self.catalog)
-        assert event.item_id is not None
+        try:
+            enriched = await self.hooks.call_chain("recsys_enrich_event", "event", event=event, catalog=self.catalog)
+            if not isinstance(enriched, Event) or enriched.item_id is None:
+                raise TypeError(f"an enrich hook returned {type(enriched).__name__} without an item, not an event")
+        except BaseException:
+            # Nothing applied yet: the redelivery that the disposition rule asks for must
+            # apply it, not take it for one already applied.
+            self.dedup.discard(key)
+            raise
+        event = enriched
         slot = self.catalog.ensure_slot(event.item_id)
         user = self.users.get_or_create(event.user_id)
         signal = event_signal(event.type, event.value, self.settings.rating_max)

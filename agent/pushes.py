@@ -19,7 +19,8 @@ from agent.tokens import user_token
 
 log = logging.getLogger(__name__)
 
-FLUSH_TIMEOUT_S = 1.5
+# how long a stop waits for owed pushes (an orchestrator's grace period is longer)
+FLUSH_TIMEOUT_S = 5.0
 
 
 class PushScheduler:
@@ -67,9 +68,9 @@ class PushScheduler:
                 await asyncio.sleep(0)
             self._idle.set()
 
-    async def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         with suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(FLUSH_TIMEOUT_S if timeout is None else timeout):
                 await self._idle.wait()
 
     @asynccontextmanager
@@ -82,3 +83,7 @@ class PushScheduler:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+            if self._owed:
+                # Their events are applied and acknowledged: state and the next pushes reflect
+                # them; only these pushes are not sent.
+                log.warning("stopping with %d owed pushes unsent after %.1f s", len(self._owed), FLUSH_TIMEOUT_S)

@@ -95,5 +95,9 @@ class Deduplicator:
             return "new"
         return "redelivery" if first == seq and seq > 0 else "duplicate"
 
+    def discard(self, key: str) -> None:
+        """Forget ``key``: its message could not be applied after all, and a retry must apply it."""
+        self._first_seq.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._first_seq)

@@ -564,18 +564,26 @@ class SummaryScheduler:
             self._in_flight.add(user_id)
             self.metrics.wait_seconds.observe(max(0.0, self.clock() - due_at))
             self._refill(self.clock())
+            profile = None
             try:
-                await self.summarise_user(user_id)
+                profile = await self.summarise_user(user_id)
             except Exception:
                 # A bug must not kill a worker: the pool would shrink silently.
                 log.exception("summary worker failed")
             finally:
                 self._in_flight.discard(user_id)
-                self._after(user_id)
+                self._after(user_id, summarised=profile is not None)
+            # Without an LLM a summary never awaits: yield, so that a queue of users cannot
+            # hold the event loop.
+            await asyncio.sleep(0)
 
-    def _after(self, user_id: str) -> None:
-        """Re-check a user whose summary just finished: events may have arrived meanwhile."""
-        remaining = self.source.unsummarised(user_id)
+    def _after(self, user_id: str, *, summarised: bool) -> None:
+        """Re-check a user whose summary just finished: events may have arrived meanwhile.
+
+        A user with nothing to summarise (none of their items in the catalog) or whose summary
+        failed is not queued again here: that would retry at once, forever. Their next event
+        brings them back."""
+        remaining = self.source.unsummarised(user_id) if summarised else 0
         if remaining > 0:
             now = self.clock()
             if remaining >= self.options.refresh_after_events:

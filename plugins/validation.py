@@ -40,7 +40,10 @@ class EventValidation:
 
     @hookimpl
     def recsys_validate_event(self, event: Event, catalog: Catalog) -> str | None:
-        if event.ts > time.time() + self.max_future_skew_s:
+        # against the time the stream stored it, when it came through one: the same verdict
+        # live and on every rebuild
+        now = event.received_at if event.received_at is not None else time.time()
+        if event.ts > now + self.max_future_skew_s:
             return f"timestamp {event.ts:.0f} is more than {self.max_future_skew_s:.0f} s in the future"
         if event.type == "rate" and event.value is not None and not self.rating_min <= event.value <= self.rating_max:
             return f"rating {event.value} is outside [{self.rating_min}, {self.rating_max}]"

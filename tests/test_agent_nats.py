@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
+from nats.js import api
 
 from agent.app import Agent
 from agent.config import Settings
+from agent.hookspecs import hookimpl
+from agent.ingest import ensure_streams
+from agent.models import Event
 from agent.tokens import user_token
 
 from .conftest import Client, catalog, make_settings
@@ -87,6 +92,27 @@ async def test_request_reply_and_http_api(settings: Settings, client: Client) ->
         assert "missing field 'user_id'" in orjson.loads(reply.data)["error"]
 
 
+async def test_a_batch_the_stream_refuses_halfway_says_what_was_stored(settings: Settings, client: Client) -> None:
+    settings.disabled_plugins = ["content"]
+    async with Agent(settings) as agent:
+        async with aiohttp.ClientSession(agent.http_url) as http:
+            batch = [{"type": "view", "user_id": "dora", "item_id": f"item-{i}"} for i in range(3)]
+            big = {"type": "view", "user_id": "dora", "item_id": "x", "context": {"pad": "y" * 70_000}}
+            response = await http.post("/v1/events", json=[*batch, big])
+            assert response.status == 413
+            # the stream is full (an operator's limit, new messages refused) after one more
+            info = await client.js.stream_info(settings.stream_name)
+            config = info.config
+            config.max_msgs, config.discard = info.state.messages + 1, api.DiscardPolicy.NEW
+            await client.js.update_stream(config)
+            response = await http.post("/v1/events", json=batch)
+            body = await response.json()
+            assert response.status == 503 and "event stream unavailable" in body["error"]
+            assert body["accepted"] == 1 and len(body["sequences"]) == 1
+        await client.wait_for(lambda: agent.pipeline.users.get("dora") is not None)
+        assert agent.pipeline.users.get("dora").event_count == 1, "nothing of the refused batch was stored"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("payload", "subject_type", "reason"),
     [
@@ -97,6 +123,8 @@ async def test_request_reply_and_http_api(settings: Settings, client: Client) ->
         (b'{"type": "zap", "user_id": "u", "item_id": "i"}', "zap", "unknown event type"),
         (b'{"type": "rate", "user_id": "u", "item_id": "i"}', "rate", "needs a numeric 'value'"),
         (b'{"type": "view", "user_id": "u", "item_id": "i", "ts": "yesterday"}', "view", "RFC 3339"),
+        # the shape of a date, but no such day: dead-lettered with its reason, not retried
+        (b'{"type": "view", "user_id": "u", "item_id": "i", "ts": "2024-02-30T00:00:00Z"}', "view", "not a valid date"),
         (b'{"type": "click", "user_id": "u", "item_id": "i"}', "view", "subject names type"),
         (b'{"type": "view", "user_id": "u", "item_id": "i", "context": {"pad": "' + b"x" * 70_000 + b'"}}', "view", "exceeds the limit"),
     ],
@@ -200,6 +228,58 @@ async def test_restart_applies_events_published_while_down_and_keeps_state(setti
         shown = {entry.item_id for entry in recs.items}
         assert shown.isdisjoint({f"item-{i}" for i in range(1, 7)})
     assert client.reflected_event_ids().count("before") == 1
+
+
+async def test_events_stored_before_the_first_start_are_applied_once(settings: Settings, client: Client) -> None:
+    # `catalog import` creates the streams, so clients may publish before the agent's consumer
+    # exists; a new consumer must start after what the rebuild applied, not apply it again.
+    settings.dedup_capacity = 10  # fewer keys than events: the deduplicator cannot hide it
+    settings.disabled_plugins = ["content"]
+    await ensure_streams(client.js, settings)
+    await client.upsert(catalog(5))
+    for i in range(30):
+        await client.publish_event({"type": "view", "user_id": "early", "item_id": f"item-{i % 5}"})
+    async with Agent(settings) as agent:
+        await client.publish_event({"id": "live", "type": "view", "user_id": "early", "item_id": "item-0"})
+        await client.wait_for(lambda: "live" in client.reflected_event_ids())
+        assert agent.pipeline.users.get("early").event_count == 31  # type: ignore[union-attr]
+        assert await _applied(agent) == 31 and agent.metrics.value("recsys_catalog_upserts_total") == 5
+
+
+async def test_a_rebuild_judges_events_as_they_were_judged_on_arrival(settings: Settings, client: Client) -> None:
+    settings.disabled_plugins = ["content"]
+    settings.plugins = {"event_validation": {"max_future_skew_s": 1.0}}
+    async with Agent(settings) as agent:
+        await client.upsert(catalog(3))
+        ahead = time.time() + 2.5
+        await client.publish_event({"id": "early", "type": "view", "user_id": "fay", "item_id": "item-0", "ts": ahead})
+        await client.wait_for(lambda: client.dead_letters)
+        assert "in the future" in client.dead_letters[0]["reason"]
+    await asyncio.sleep(max(0.0, ahead - time.time()))
+    # by the clock of this restart the event is no longer ahead; by its arrival it was
+    async with Agent(settings) as agent:
+        assert agent.pipeline.users.get("fay") is None
+
+
+async def test_a_message_that_cannot_be_applied_does_not_stop_later_starts(settings: Settings, client: Client) -> None:
+    class Breaks:
+        """A plugin whose enrichment is broken for one user: a bug that retries cannot cure."""
+
+        @hookimpl
+        def recsys_enrich_event(self, event: Event) -> Event | str:
+            return "not an event" if event.user_id == "cursed" else event
+
+    settings.disabled_plugins = ["content"]
+    settings.max_deliver = 2
+    async with Agent(settings, extra_plugins=[("breaks", Breaks())]) as agent:
+        await client.upsert(catalog(3))
+        await client.publish_event({"id": "bad", "type": "view", "user_id": "cursed", "item_id": "item-0"})
+        await client.publish_event({"id": "ok", "type": "view", "user_id": "fine", "item_id": "item-1"})
+        await client.wait_for(lambda: client.dead_letters and "ok" in client.reflected_event_ids())
+        assert "failed" in client.dead_letters[0]["reason"]
+    async with Agent(settings, extra_plugins=[("breaks", Breaks())]) as agent:
+        assert agent.pipeline.users.get("fine").event_count == 1  # type: ignore[union-attr]
+        assert agent.pipeline.users.get("cursed") is None
 
 
 async def test_items_added_before_a_restart_are_not_new_again_after_it(settings: Settings, client: Client) -> None:

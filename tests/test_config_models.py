@@ -81,6 +81,9 @@ def test_payload_limits_and_items() -> None:
         parse_items({"id": "a", "title": "A", "categories": "x"})
     with pytest.raises(InvalidMessage, match="between 1 and 50"):
         parse_recommend_request({"user_id": "u", "k": 0}, max_k=50)
+    # without k: the configured default, within the configured maximum
+    assert parse_recommend_request({"user_id": "u"}, max_k=50, default_k=20).k == 20
+    assert parse_recommend_request({"user_id": "u"}, max_k=5, default_k=10).k == 5
 
 
 @pytest.mark.parametrize("user_id", ["alice", "A_b-9", "bob@example.com", "ünïcode", "a.b", "~tilde", "x y"])

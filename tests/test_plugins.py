@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import hookspecs
+from agent import hookspecs, pushes
 from agent.app import Agent
 from agent.config import Settings, load_settings
 from agent.hookspecs import hookimpl
@@ -111,6 +111,42 @@ async def test_failing_plugin_is_counted_and_the_event_still_applies(tmp_path: P
     metrics = pipeline.metrics
     assert metrics.value("recsys_plugin_failures_total", plugin="broken", hook="recsys_apply_event", kind="error") == 1
     assert metrics.value("recsys_plugin_failures_total", plugin="broken", hook="recsys_candidates", kind="error") == 1
+
+
+async def test_an_event_that_failed_to_apply_is_applied_by_its_redelivery(tmp_path: Path) -> None:
+    class Flaky:
+        """Enrichment that hands back garbage once (a passing fault), then works."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        @hookimpl
+        def recsys_enrich_event(self, event: Event) -> Event | str:
+            self.calls += 1
+            return "garbage" if self.calls == 1 else event
+
+    async with running_pipeline(tmp_path, ("flaky", Flaky())) as pipeline:
+        with pytest.raises(TypeError, match="enrich hook"):
+            await pipeline.apply_event(event(1), seq=7)
+        # the same stream message, redelivered as the disposition rule asked
+        assert await pipeline.apply_event(event(1), seq=7) is ApplyOutcome.APPLIED
+        assert pipeline.users.get("u1").event_count == 1  # type: ignore[union-attr]
+        assert await pipeline.apply_event(event(1), seq=7) is ApplyOutcome.REDELIVERY
+
+
+async def test_a_stop_reports_the_pushes_it_could_not_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    class SlowPublisher:
+        @hookimpl
+        def recsys_publish(self) -> Any:
+            return asyncio.sleep(0.1)
+
+    monkeypatch.setattr(pushes, "FLUSH_TIMEOUT_S", 0.05)
+    async with running_pipeline(tmp_path, ("slow_publisher", SlowPublisher())) as pipeline:
+        async with pushes.PushScheduler(pipeline).running() as scheduler:
+            for i in range(5):
+                await pipeline.apply_event(event(i, user=f"u{i}"))
+                scheduler.schedule(f"u{i}", f"e{i}")
+    assert "stopping with 4 owed pushes unsent" in caplog.text
 
 
 async def test_slow_async_plugin_is_cut_off_at_the_stage_timeout(tmp_path: Path) -> None:

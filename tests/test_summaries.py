@@ -402,6 +402,28 @@ async def test_old_events_from_the_rebuild_wake_no_summary_and_apply_returns_at_
     assert pipeline.users.get("old").extras[PROFILE_KEY]["based_on_events"] == 11  # type: ignore[union-attr,index]
 
 
+@pytest.mark.timeout(60)
+async def test_a_user_whose_items_are_unknown_does_not_hold_the_event_loop() -> None:
+    # Events may arrive before their item: there is nothing to summarise yet, and the
+    # scheduler must neither spin on the user (the event loop froze) nor lose them later.
+    pipeline = await pipeline_with_summariser()
+    plugin = pipeline.pm.get_plugin("summariser")
+    async with pipeline.running():
+        now = plugin.clock()
+        for i in range(6):
+            await pipeline.apply_event(Event(type="view", user_id="eve", ts=now, id=f"e{i}", item_id="not-yet"))
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+            ticks += 1
+        assert ticks == 20 and plugin.scheduler.stats()["pending"] == 0
+        assert PROFILE_KEY not in pipeline.users.get("eve").extras  # type: ignore[union-attr]
+        # once the item is known, the user's next event brings the summary
+        await add_films(pipeline)
+        await pipeline.apply_event(Event(type="view", user_id="eve", ts=now, id="e-known", item_id="m0"))
+        await until(lambda: PROFILE_KEY in pipeline.users.get("eve").extras)  # type: ignore[union-attr]
+
+
 async def test_forgetting_a_user_drops_the_profile() -> None:
     pipeline = await pipeline_with_summariser()
     plugin = pipeline.pm.get_plugin("summariser")
