@@ -241,9 +241,13 @@ class ChatClient:
                 if response.status >= 400:
                     raise LLMUnavailable(f"GET /models answered HTTP {response.status}")
                 body = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             raise LLMUnavailable(f"cannot reach the LLM server: {exc.__class__.__name__}") from None
-        return [str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)]
+        listed = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(listed, list):
+            # a server that answers, but not with a model list: start anyway, say why
+            raise LLMUnavailable("GET /models did not answer with a model list")
+        return [str(m.get("id")) for m in listed if isinstance(m, dict)]
 
     async def complete_json(
         self, messages: list[dict[str, str]], schema: dict[str, Any], schema_name: str = "profile"
@@ -260,7 +264,8 @@ class ChatClient:
         started = time.perf_counter()
         try:
             async with self._require_session().post(self.url, data=payload) as response:
-                text = await response.text()
+                # bytes decoded leniently: a server's bad UTF-8 is bad output, not a crash
+                text = (await response.read()).decode("utf-8", errors="replace")
                 status = response.status
         except TimeoutError:
             raise LLMTimeout(f"no answer within {self.timeout_s:g} s") from None
@@ -274,7 +279,7 @@ class ChatClient:
             choice = answer["choices"][0]
             content = choice["message"]["content"]
             finish = choice.get("finish_reason")
-        except (ValueError, KeyError, IndexError, TypeError):
+        except (ValueError, KeyError, IndexError, TypeError, RecursionError):
             raise LLMOutputError("the server's reply is not a chat completion") from None
         if not isinstance(content, str):
             raise LLMOutputError("the completion has no text content")
@@ -307,7 +312,7 @@ class ChatClient:
 def _error_message(text: str) -> str:
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text.strip()
     error = body.get("error", body) if isinstance(body, dict) else body
     if isinstance(error, dict):

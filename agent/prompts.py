@@ -31,6 +31,8 @@ from agent.state import UserState
 MAX_TITLE_CHARS = 120
 MAX_CATEGORY_CHARS = 40
 MAX_CATEGORIES = 4
+# how far past a limit text is kept for the patterns (see _bounded)
+CUT_MARGIN = 256
 REDACTED = "[redacted]"
 
 # The event types a prompt may name, with wording a small model understands. Unknown types
@@ -46,7 +48,9 @@ EVENT_WORDS: dict[str, str] = {
     "skip": "skipped",
 }
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+# Each pattern may start only where a run of its characters starts: a match attempt from
+# every position of a long run would cost time quadratic in its length.
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 # A run of 7+ digits, possibly split by spaces, dots, dashes, slashes or brackets, with an
 # optional leading +: phone numbers, card and account numbers. Years ("(1999)") and short
 # numbers in titles ("Ocean's 11", "2001: A Space Odyssey") stay.
@@ -56,7 +60,7 @@ _YEAR = re.compile(r"(?:18|19|20)\d\d")
 # mixing letters and 6+ digits (user-12345678, order ids).
 _UUID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
 _HEX = re.compile(r"\b[0-9a-fA-F]{16,}\b")
-_ID_TOKEN = re.compile(r"\b(?=[\w-]*\d{6})(?=[\w-]*[A-Za-z])[\w-]{8,}\b")
+_ID_TOKEN = re.compile(r"(?<![\w-])(?=[\w-]*\d{6})(?=[\w-]*[A-Za-z])[\w-]{8,}\b")
 _URL = re.compile(r"\bhttps?://\S+", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ANGLES = re.compile(r"[<>]{2,}")
@@ -91,8 +95,15 @@ def _prepared(text: str, limit: int) -> tuple[str, str, str]:
 
     Cached: the same titles and categories come back for user after user, so the patterns run
     once per text, not once per user and history entry."""
-    normalised = _normalised(text)
+    normalised = _bounded(text, limit)
     return normalised, normalised.lower(), redact(normalised)[:limit].rstrip()
+
+
+def _bounded(text: str, limit: int) -> str:
+    """``text`` normalised and cut a margin past ``limit`` before any pattern runs: what lies
+    beyond is never shown, and the patterns' cost must not grow with what a catalog sends.
+    The margin lets a pattern that crosses the limit still be recognised and masked."""
+    return _normalised(text[: 4 * limit + CUT_MARGIN])[: limit + CUT_MARGIN]
 
 
 def _clean(text: str, limit: int, user_id: str | None) -> str:
@@ -108,7 +119,9 @@ def _item_text(title: str, categories: tuple[str, ...]) -> tuple[str, tuple[str,
     """An item's cleaned title and categories as any user's history shows them, and the lower
     case of all its text, in which a caller looks for its user's id (then it cleans again)."""
     cleaned = tuple(c for c in (_prepared(c, MAX_CATEGORY_CHARS)[2] for c in categories) if c)
-    lowered = "\n".join(_normalised(text).lower() for text in (title, *categories))
+    lowered = "\n".join(
+        _bounded(text, limit).lower() for text, limit in ((title, MAX_TITLE_CHARS), *((c, MAX_CATEGORY_CHARS) for c in categories))
+    )
     return _prepared(title, MAX_TITLE_CHARS)[2], cleaned, lowered
 
 

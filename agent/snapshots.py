@@ -36,7 +36,14 @@ class Snapshots:
             entry = await (await self._store()).get(key)
         except KeyNotFoundError:
             return None
-        return orjson.loads(entry.value) if entry.value else None
+        if not entry.value:
+            return None
+        try:
+            return orjson.loads(entry.value)
+        except orjson.JSONDecodeError:
+            # A snapshot is a cache of learned state, not the record: start without it.
+            log.warning("snapshot %s in bucket %s is not valid JSON; starting without it", key, self.bucket)
+            return None
 
     async def save(self, key: str, value: Any) -> None:
         await (await self._store()).put(key, orjson.dumps(value))

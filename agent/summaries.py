@@ -371,6 +371,10 @@ class _BreakerOpen(LLMError):
     kind = "breaker_open"
 
 
+class _Forgotten(LLMError):
+    kind = "forgotten"
+
+
 class SummaryScheduler:
     def __init__(
         self,
@@ -604,7 +608,7 @@ class SummaryScheduler:
                 # while the LLM thinks; the LLM's answer replaces it.
                 self._store(user_id, snapshot, heuristic_fields(snapshot.entries), "heuristic", final=False)
             try:
-                fields_ = await self._ask_llm(snapshot.entries)
+                fields_ = await self._ask_llm(snapshot.entries, lambda: self._still_held(user_id, snapshot))
             except LLMError as exc:
                 # The message names the failure, never the prompt or the user.
                 log.warning("LLM summary failed (%s): %s; using the heuristic profile", exc.kind, exc)
@@ -619,11 +623,18 @@ class SummaryScheduler:
         self.counts[f"summaries_{source}"] += 1
         return profile
 
-    async def _ask_llm(self, entries: list[HistoryEntry]) -> dict[str, Any]:
-        """The LLM's fields, with retries and the breaker; the caller holds breaker.allow()."""
+    def _still_held(self, user_id: str, snapshot: Snapshot) -> bool:
+        current = self.source.snapshot(user_id)
+        return current is not None and current.owner is snapshot.owner
+
+    async def _ask_llm(self, entries: list[HistoryEntry], still_held: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        """The LLM's fields, with retries and the breaker; the caller holds breaker.allow().
+        ``still_held`` is asked before every retry: a user forgotten meanwhile is not sent again."""
         assert self.llm is not None
         attempts = 1 + self.options.max_retries
         for attempt in range(attempts):
+            if attempt > 0 and not still_held():
+                raise _Forgotten("the user was forgotten while the summary was retried")
             if attempt > 0 and not self.breaker.allow():
                 raise _BreakerOpen("the circuit breaker opened while retrying")
             started = time.perf_counter()

@@ -4,12 +4,13 @@ Off unless ``[plugins.cross_encoder] model`` names a model (a local path or a na
 cache). The query is the titles of the user's recent positive items; each candidate's item text
 is scored against it. A cross-encoder costs tens of milliseconds per list on a CPU, so it runs
 in a worker thread under the stage timeout: when it does not answer in time, the fused order
-stands. It earns its cost on a GPU (``device = "cuda"``).
+stands. One prediction at a time: a list asked for while one still runs (perhaps for a list
+whose stage timed out) keeps its fused order, so abandoned predictions cannot pile up and take
+the CPU or the threads other stages use. It earns its cost on a GPU (``device = "cuda"``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from agent.context import AgentContext
 from agent.embeddings import item_text
 from agent.hookspecs import hookimpl
 from agent.ranking import Query, Scored
+from agent.threads import in_daemon_thread
 
 DEFAULT_DEPTH = 20
 QUERY_ITEMS = 5
@@ -34,6 +36,8 @@ class CrossEncoderReranker:
         self.model: Any = None
         self.depth = DEFAULT_DEPTH
         self.weight = 0.5
+        # set on the loop's thread, cleared by the prediction's own thread when it ends
+        self._predicting = False
 
     @hookimpl
     def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
@@ -51,7 +55,8 @@ class CrossEncoderReranker:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import CrossEncoder
 
-            self.model = await asyncio.to_thread(CrossEncoder, str(name), device=str(options.get("device", "cpu")))
+            # a daemon thread: a stop while the model loads must not wait for it
+            self.model = await in_daemon_thread(lambda: CrossEncoder(str(name), device=str(options.get("device", "cpu"))))
         try:
             yield
         finally:
@@ -62,7 +67,7 @@ class CrossEncoderReranker:
 
     @hookimpl
     def recsys_rerank(self, query: Query, ranked: list[Scored]) -> Any:
-        if self.model is None or len(ranked) < 2:
+        if self.model is None or len(ranked) < 2 or self._predicting:
             return None
         user_text = self._user_text(query)
         if not user_text:
@@ -73,7 +78,16 @@ class CrossEncoderReranker:
 
     async def _rescore(self, user_text: str, head: list[Scored], tail: list[Scored], texts: list[str]) -> list[Scored]:
         model = self.model
-        scores = np.asarray(await asyncio.to_thread(model.predict, [(user_text, t) for t in texts]), dtype=np.float64)
+        pairs = [(user_text, t) for t in texts]
+
+        def predict() -> Any:
+            try:
+                return model.predict(pairs)
+            finally:
+                self._predicting = False
+
+        self._predicting = True
+        scores = np.asarray(await in_daemon_thread(predict), dtype=np.float64)
         fused = np.array([s.score for s in head])
         blended = (1 - self.weight) * _unit(fused) + self.weight * _unit(scores)
         order = np.argsort(-blended, kind="stable")

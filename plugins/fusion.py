@@ -115,7 +115,12 @@ class LearnedFusion:
             if isinstance(saved, dict):
                 for segment, table in saved.items():
                     if isinstance(table, dict):
-                        self.weights[str(segment)] = {str(k): float(v) for k, v in table.items()}
+                        # a weight that is not a finite number (NaN is saved as null) is
+                        # learned again rather than failing the start
+                        self.weights[str(segment)] = {
+                            str(k): float(v) for k, v in table.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                        }
         saver = asyncio.create_task(self._save_periodically(snapshots)) if snapshots is not None else None
         try:
             yield

@@ -102,6 +102,8 @@ class Replay:
         self.requests.append(await request.json())
         self.headers.append(dict(request.headers))
         status, body = self.answers.popleft()
+        if isinstance(body, bytes):
+            return web.Response(status=status, body=body, content_type="application/json")
         return web.Response(status=status, text=body if isinstance(body, str) else json.dumps(body), content_type="application/json")
 
 
@@ -129,6 +131,10 @@ async def test_errors_are_classified_by_what_a_retry_could_fix(replay: tuple[Rep
             (401, {"error": {"message": "bad key"}}),
             (200, completion('{"interests": ["a"], "av', finish="length")),
             (200, {"id": "x"}),
+            # nesting deeper than a JSON parser recurses, and bytes that are not UTF-8
+            (200, "[" * 100_000),
+            (500, "[" * 100_000),
+            (200, b"\xff\xfe{not text"),
             (200, completion('{"interests": ["Sci-Fi"], "avoid": [], "summary": "Likes Sci-Fi."}')),
         ]
     )
@@ -143,11 +149,32 @@ async def test_errors_are_classified_by_what_a_retry_could_fix(replay: tuple[Rep
             await client.complete_json(MESSAGES, PROFILE_SCHEMA)
         with pytest.raises(LLMOutputError, match="not a chat completion"):
             await client.complete_json(MESSAGES, PROFILE_SCHEMA)
+        with pytest.raises(LLMOutputError, match="not a chat completion"):
+            await client.complete_json(MESSAGES, PROFILE_SCHEMA)
+        with pytest.raises(LLMUnavailable, match="HTTP 500"):
+            await client.complete_json(MESSAGES, PROFILE_SCHEMA)
+        with pytest.raises(LLMOutputError, match="not a chat completion"):
+            await client.complete_json(MESSAGES, PROFILE_SCHEMA)
         result = await client.complete_json(MESSAGES, PROFILE_SCHEMA)
     assert validate_profile(result.data)["interests"] == ["Sci-Fi"] and result.completion_tokens == 7
     assert server.headers[0]["Authorization"] == "Bearer k3y"
     assert server.requests[0]["response_format"]["type"] == "json_schema"
     assert server.requests[0]["temperature"] == 0.0 and server.requests[0]["stream"] is False
+
+
+@pytest.mark.parametrize("listing", [{"object": "list", "data": None}, [], "models", {"data": [{"id": "m"}, 7]}])
+async def test_a_model_list_of_the_wrong_shape_is_unavailable_not_a_crash(listing: Any) -> None:
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response(listing)
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    async with serving(app) as url, ChatClient(f"{url}/v1", "m") as client:
+        if isinstance(listing, dict) and isinstance(listing.get("data"), list):
+            assert await client.probe() == ["m"]
+        else:
+            with pytest.raises(LLMUnavailable, match="model list"):
+                await client.probe()
 
 
 async def test_unreachable_and_slow_servers() -> None:
@@ -230,6 +257,20 @@ def test_no_part_of_a_user_id_survives_even_where_a_pattern_matches_part_of_it(u
             assert entry.categories == ("Deals", "picked for [redacted]")
             for piece in user_id.replace("+", " ").replace(".", " ").split():
                 assert piece not in entry.title + " ".join(entry.categories)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("run", ["1-", "a", "x.y+", "ab-1"])
+def test_long_catalog_text_is_cut_before_the_patterns_run(run: str) -> None:
+    # A category or title that is one long run (48 KB fits a NATS message) made the masking
+    # patterns retry from every position: minutes with the event loop held. Cut first.
+    catalog = Catalog()
+    long = run * (48_000 // len(run))
+    catalog.upsert(Item(id="a", title=long[:1000], categories=(long, "Drama")))
+    user = UserState(user_id="someone", recent=deque([Interaction(slot=0, type="view", ts=1.0, signal=1.0)], maxlen=10))
+    [entry] = history_from_user(user, catalog, limit=10)
+    assert len(entry.title) <= 120 and entry.categories[-1] == "Drama"
+    assert all(len(c) <= 40 for c in entry.categories)
 
 
 def test_catalog_text_cannot_leave_the_data_block() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -381,6 +382,21 @@ async def test_cross_encoder_rescoring_runs_on_a_real_model(tmp_path: Path) -> N
         for kind in ("error", "timeout"):
             assert pipeline.metrics.value("recsys_plugin_failures_total", plugin="cross_encoder", hook="recsys_rerank", kind=kind) == 0
 
+        # one prediction at a time: lists asked for meanwhile keep the fused order
+        release = threading.Event()
+
+        def held_predict(pairs: list[tuple[str, str]], *args: Any, **kwargs: Any) -> Any:
+            release.wait(10)
+            return counting_predict(pairs, *args, **kwargs)
+
+        model.predict = held_predict
+        first = asyncio.create_task(pipeline.recommend("di", 5))
+        await asyncio.sleep(0.05)
+        others = [await pipeline.recommend("di", 5) for _ in range(3)]
+        assert all(len(r.items) == 5 for r in others) and scored == [5], "no prediction queued behind the running one"
+        release.set()
+        assert len((await first).items) == 5 and scored == [5, 5]
+
 
 def test_projected_search_agrees_with_exact_search() -> None:
     # clustered like real text embeddings (topics), not isotropic noise, which no projection keeps
@@ -495,6 +511,15 @@ async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settin
         fusion.weights["long"] = {"trending": 0.25, "content_recent": 1.5}
     async with Agent(settings) as agent:
         assert agent.pm.get_plugin("fusion").weights["long"] == {"trending": 0.25, "content_recent": 1.5}
+        # a weight that went NaN was saved as null: learned again, not a failed start
+        agent.pm.get_plugin("fusion").weights["long"]["trending"] = float("nan")
+    async with Agent(settings) as agent:
+        assert agent.pm.get_plugin("fusion").weights["long"] == {"content_recent": 1.5}
+    # a snapshot that is not JSON at all (written by something else): start without it
+    kv = await client.js.key_value(f"{settings.stream_name}_STATE")
+    await kv.put("fusion.weights", b"{not json")
+    async with Agent(settings) as agent:
+        assert agent.pm.get_plugin("fusion").weights == {}
 
 
 @pytest.mark.parametrize(

@@ -302,6 +302,21 @@ async def test_a_user_forgotten_while_summarised_gets_no_profile_back() -> None:
     assert PROFILE_KEY not in users.users["gus"].extras and not users.stored
 
 
+async def test_a_user_forgotten_between_retries_is_not_sent_again() -> None:
+    users = Users()
+    llm = ScriptedLLM(errors=[LLMUnavailable("down"), LLMUnavailable("down"), LLMUnavailable("down")])
+    scheduler = SummaryScheduler(options(backoff_s=0.05, max_retries=3), users, llm)
+    users.add_events("hal", 2)
+    users.users["hal"].extras[PROFILE_KEY] = {"based_on_events": 0}
+    task = asyncio.create_task(scheduler.summarise_user("hal"))
+    await until(lambda: llm.calls == 1)
+    del users.users["hal"]  # forgotten during the backoff
+    scheduler.forget("hal")
+    await task
+    assert llm.calls == 1, "the history of a forgotten user left for the LLM again"
+    assert not users.stored
+
+
 async def test_tracking_is_capped() -> None:
     users = Users()
     scheduler = SummaryScheduler(options(max_tracked_users=3, refresh_after_events=100), users, None)
