@@ -144,18 +144,23 @@ class ItemKNN(Baseline):
     # A dense matrix larger than this is refused rather than swapping the machine to death.
     MAX_MATRIX_BYTES = 4 * 1024**3
 
+    @classmethod
+    def check_size(cls, n_items: int) -> None:
+        """Raise ValueError when the matrix for ``n_items`` would exceed MAX_MATRIX_BYTES."""
+        needed = n_items * n_items * 4
+        if needed > cls.MAX_MATRIX_BYTES:
+            raise ValueError(
+                f"item_knn needs a {needed / 1024**3:.1f} GiB co-occurrence matrix for {n_items} items "
+                f"(limit {cls.MAX_MATRIX_BYTES / 1024**3:.0f} GiB); leave item_knn out of the baselines"
+            )
+
     def __init__(self, n_items: int, window: int = 10, similarity: str = "cosine") -> None:
         super().__init__(n_items)
         if window < 1:
             raise ValueError("window must be at least 1")
         if similarity not in self.SIMILARITIES:
             raise ValueError(f"similarity must be one of {', '.join(self.SIMILARITIES)}, got {similarity!r}")
-        needed = n_items * n_items * 4
-        if needed > self.MAX_MATRIX_BYTES:
-            raise ValueError(
-                f"item_knn needs a {needed / 1024**3:.1f} GiB co-occurrence matrix for {n_items} items "
-                f"(limit {self.MAX_MATRIX_BYTES / 1024**3:.0f} GiB); leave item_knn out of the baselines"
-            )
+        self.check_size(n_items)
         self.window = window
         self.cosine = similarity == "cosine"
         # np.zeros maps pages lazily: rows of items nobody interacts with cost no memory.

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, AsyncExitStack, suppress
 
 from threadpoolctl import threadpool_limits
 
@@ -29,7 +29,20 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Agent(settings) as agent:
+    async with AsyncExitStack() as stack:
+        # A signal during the start (a bus that is not there yet is retried without end)
+        # abandons the start, which closes whatever it had opened.
+        starting = asyncio.ensure_future(stack.enter_async_context(Agent(settings)))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with suppress(asyncio.CancelledError):
+                await starting
+            log.info("signal received while starting; stopped")
+            return
+        stopping.cancel()
+        agent = starting.result()
         print(f"recsys-agent listening: NATS {agent.nats_url}  HTTP {agent.http_url}", flush=True)
         await stop.wait()
         log.info("signal received, draining")
@@ -95,6 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # What stops a command in operation (a port in use, a NATS server without JetStream,
+        # a file where a directory belongs) is said in one line; the traceback is there for
+        # whoever runs with --log-level DEBUG.
+        log.debug("%s failed", args.command, exc_info=exc)
+        print(f"recsys-agent {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

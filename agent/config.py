@@ -7,10 +7,12 @@ where it came from and why it was refused, so a typo never surfaces later as a c
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -109,15 +111,28 @@ class Settings:
             ("subject_prefix", _is_subject_token_path(self.subject_prefix), "must be dot-separated tokens without spaces or wildcards"),
             ("nats_url", not self.nats_url or self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")), "must start with nats://, tls://, ws:// or wss://"),
         ]
+        for key in ("stream_name", "catalog_stream_name", "consumer_name"):
+            checks.append((key, _NATS_NAME.fullmatch(getattr(self, key)) is not None,
+                           "must be a NATS name: no spaces, dots, wildcards (* >) or slashes"))
         for key, ok, reason in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {reason} (got {getattr(self, key)!r})")
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                # an infinite limit passes every range check, then breaks a library
+                raise ConfigError(f"config key '{item.name}' must be a finite number (got {value!r})")
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         return self.plugins.get(name, {})
 
     def subject(self, *parts: str) -> str:
         return ".".join((self.subject_prefix, *parts))
+
+
+# stream and consumer names: JetStream refuses these characters (they would also break the
+# API subjects and file names built from the name)
+_NATS_NAME = re.compile(r"[^\s.*>/\\]+")
 
 
 def _is_subject_token_path(value: str) -> bool:

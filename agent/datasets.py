@@ -178,7 +178,8 @@ READERS: dict[str, Callable[[Path], Dataset]] = {
 def _natural(value: str) -> tuple[int, int, str]:
     # Numeric ids order as numbers ("9" before "10"), so "ties by user, then item" means what a
     # reader of the source files expects; other ids order as text, after the numeric ones.
-    return (0, int(value), value) if value.isdigit() else (1, 0, value)
+    # isdecimal and ASCII: "²" is a digit to isdigit, but int() refuses it
+    return (0, int(value), value) if value.isascii() and value.isdecimal() else (1, 0, value)
 
 
 def stream_order_key(event: Event) -> tuple[float, tuple[int, int, str], tuple[int, int, str]]:

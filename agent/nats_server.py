@@ -7,12 +7,14 @@ stopped with the agent. Tests use the same code to start their own server.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import re
 import shutil
 import signal
+import sys
 import sysconfig
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,27 @@ def find_binary(explicit: str = "") -> str:
     return found
 
 
+def _stop_with_parent() -> Callable[[], None] | None:
+    """On Linux, a function for the child to run before exec that asks the kernel to send it
+    SIGTERM when the agent dies, even by SIGKILL: otherwise the server lives on, holding its
+    port and its JetStream store, and the next start on that data dir fails or shares it.
+
+    The libc function is looked up here, before the fork: between fork and exec the child may
+    only make a plain C call (no imports, no locks)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def arm() -> None:
+        prctl(pr_set_pdeathsig, sigterm, 0, 0, 0)
+
+    return arm
+
+
 @asynccontextmanager
 async def embedded_nats_server(
     store_dir: Path, port: int = 0, host: str = "127.0.0.1", binary: str = ""
@@ -67,7 +90,8 @@ async def embedded_nats_server(
     # A session of its own: Ctrl-C in a terminal signals the whole foreground group, and the
     # server must outlive the agent's drain; the agent stops it last.
     process = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True
+        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        preexec_fn=_stop_with_parent(),
     )
     assert process.stderr is not None
     lines: list[str] = []

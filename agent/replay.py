@@ -53,6 +53,7 @@ from agent.baselines import (
     BaselineConfig,
     BaselineProcess,
     InlineBaselines,
+    ItemKNN,
     StreamArrays,
 )
 from agent.cli_settings import add_pipeline_flags, configure_logging, settings_from_args
@@ -225,7 +226,10 @@ async def load_catalog(pipeline: Pipeline, items: list[Item], progress: bool) ->
             await pipeline.upsert_items(batch)
             bar.update(len(batch))
     # Plugins embed in the background; the replay starts once every item has its vector.
-    await pipeline.settle()
+    failures = await pipeline.settle()
+    if failures:
+        # a figure for a pipeline missing a stage would be reported as the full one's
+        raise ValueError("a stage cannot do its work, so the replay would not measure the configured pipeline: " + "; ".join(failures))
 
 
 def item_numbers(items: list[Item], events: list[Event]) -> tuple[int, np.ndarray]:
@@ -259,10 +263,13 @@ async def replay(
     ``profiler``, when given, profiles the event loop alone (not the catalog load).
     """
     timings: dict[str, float] = {}
+    n_items, numbers = item_numbers(items, events)
+    if "item_knn" in options.baselines:
+        # refused before the catalog is loaded (and embedded), not after
+        ItemKNN.check_size(n_items)
     started = time.perf_counter()
     await load_catalog(pipeline, items, options.progress)
     timings["catalog"] = time.perf_counter() - started
-    n_items, numbers = item_numbers(items, events)
     config = BaselineConfig(names=options.baselines, n_items=n_items, k=options.k, half_life_s=options.half_life_s,
                             knn_window=options.knn_window, knn_similarity=options.knn_similarity)
     stream = stream_arrays(events, numbers)

@@ -131,6 +131,21 @@ async def _publish_rest(client: Client, ids: list[str], start: int) -> None:
         await client.publish_event({"id": ids[i], "type": "view", "user_id": f"u{i % 40}", "item_id": f"item-{i % 100}"})
 
 
+async def test_a_killed_agent_takes_its_nats_server_with_it(tmp_path: Path) -> None:
+    process, nats_url, _ = await start_agent("--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
+    process.kill()  # SIGKILL: no drain, no cleanup of its own
+    await process.wait()
+    host, port = nats_url.removeprefix("nats://").rsplit(":", 1)
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, int(port))
+            except ConnectionRefusedError:
+                break  # the server is gone: its port is free for the next start
+            writer.close()
+            await asyncio.sleep(0.1)
+
+
 def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     import subprocess
 
@@ -140,6 +155,33 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "config key 'http_port' (from command line) must be an integer" in result.stderr
+
+
+def test_a_command_that_cannot_work_says_why_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--data-dir", str(not_a_dir), "--nats-port", "0", "--http-port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "recsys-agent run: NotADirectoryError" in result.stderr
+
+
+async def test_a_signal_while_the_bus_is_unreachable_stops_the_start(tmp_path: Path) -> None:
+    # nothing listens on port 1: the agent retries the first connection until told to stop
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "run", "--nats-url", "nats://127.0.0.1:1", "--http-port", "0",
+        "--data-dir", str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    await asyncio.sleep(3.0)
+    assert process.returncode is None, "still trying to connect"
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(15):
+        await process.wait()
+    assert process.returncode == 0
 
 
 def blas_threads() -> set[int]:

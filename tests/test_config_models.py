@@ -28,6 +28,9 @@ def test_toml_then_env_then_cli(tmp_path: Path) -> None:
         ({"RECSYS_NATS_URL": "http://x"}, "config key 'nats_url' must start with nats://"),
         ({"RECSYS_SUBJECT_PREFIX": "a b"}, "config key 'subject_prefix'"),
         ({"RECSYS_LOAD_ENTRY_POINTS": "perhaps"}, "must be a boolean"),
+        ({"RECSYS_STREAM_NAME": "my events"}, "config key 'stream_name' must be a NATS name"),
+        ({"RECSYS_CONSUMER_NAME": "agent.1"}, "config key 'consumer_name' must be a NATS name"),
+        ({"RECSYS_STREAM_MAX_AGE_S": "inf"}, "config key 'stream_max_age_s' must be a finite number"),
     ],
 )
 def test_bad_settings_name_the_key(env: dict[str, str], message: str) -> None:

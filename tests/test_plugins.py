@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from collections.abc import AsyncIterator
@@ -206,12 +207,13 @@ def test_every_hook_is_documented_with_its_semantics() -> None:
         assert any(word in doc for word in ("All implementations", "first answer wins", "a chain", "(a chain)")), name
 
 
-def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     dist = tmp_path / "thirdparty-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[recsys_agent]\ngood = thirdparty_plugin:Plugin\nbad = thirdparty_missing:Plugin\n"
+        "misspelt = thirdparty_plugin:Misspelt\n"
     )
     (tmp_path / "thirdparty_plugin.py").write_text(
         "from agent.hookspecs import hookimpl\n"
@@ -219,10 +221,18 @@ def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, mo
         "    @hookimpl\n"
         "    def recsys_forget_user(self, user_id):\n"
         "        return None\n"
+        "class Misspelt:\n"
+        "    @hookimpl\n"
+        "    def recsys_candidate(self, query):\n"
+        "        return None\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    pm = get_plugin_manager(load_settings(env={}))
-    assert pm.has_plugin("good") and not pm.has_plugin("bad")
+    with caplog.at_level(logging.WARNING):
+        pm = get_plugin_manager(load_settings(env={}, overrides={"disabled_plugins": ["contnet"], "plugins": {"summarizer": {}}}))
+    assert pm.has_plugin("good") and not pm.has_plugin("bad") and not pm.has_plugin("misspelt")
+    assert pm.has_plugin("content"), "a misspelt name disables nothing"
+    assert "misspelt" in caplog.text and "recsys_candidate" in caplog.text
+    assert "disabled_plugins names 'contnet'" in caplog.text and "[plugins.summarizer] configures no plugin" in caplog.text
 
 
 class Settling:

@@ -15,6 +15,7 @@ from agent.baselines import DAY_S, ItemKNN, Popularity, rank_of
 from agent.cli import build_parser, extra_commands, main
 from agent.cli_settings import settings_from_args
 from agent.config import load_settings
+from agent import replay as replay_module
 from agent.datasets import DatasetError
 from agent.hookspecs import hookimpl
 from agent.models import Event, Item
@@ -269,6 +270,39 @@ def test_replay_command_reports_bad_input_without_a_traceback(tmp_path: Path, ca
     assert "Traceback" not in err
     assert main(["replay", "--items", str(items), "--events", str(events), "--baselines", "nope", "--no-progress"]) == 2
     assert "unknown baseline(s) nope" in capsys.readouterr().err
+    # an id that is a digit to str.isdigit but not a number
+    events.write_bytes('{"type": "view", "user_id": "\u00b2", "item_id": "A", "ts": 1}\n'.encode())
+    items.write_bytes(b'{"id": "A", "title": "A"}\n')
+    config = tmp_path / "plain.toml"
+    config.write_text('disabled_plugins = ["content"]\nload_entry_points = false\n')
+    assert main(["replay", "--items", str(items), "--events", str(events), "--config", str(config), "--no-progress"]) == 0
+    capsys.readouterr()
+
+
+def test_a_replay_whose_stage_cannot_start_stops_instead_of_scoring_less(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    items = tmp_path / "items.jsonl"
+    items.write_bytes(b'{"id": "A", "title": "A"}\n{"id": "B", "title": "B"}\n')
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b'{"type": "view", "user_id": "1", "item_id": "A", "ts": 1}\n')
+    config = tmp_path / "replay.toml"
+    config.write_text('load_entry_points = false\n')
+    # a model that is not installed here: content retrieval cannot start
+    code = main(["replay", "--items", str(items), "--events", str(events), "--config", str(config),
+                 "--embedding-model", "no-such-org/no-such-model", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "content retrieval could not start" in err and "Traceback" not in err
+
+
+def test_item_knn_too_large_is_refused_before_the_catalog_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ItemKNN, "MAX_MATRIX_BYTES", 4 * 2 * 2)
+    items = tmp_path / "items.jsonl"
+    items.write_bytes(b'{"id": "A", "title": "A"}\n{"id": "B", "title": "B"}\n{"id": "C", "title": "C"}\n')
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b'{"type": "view", "user_id": "1", "item_id": "A", "ts": 1}\n')
+    loaded: list[int] = []
+    monkeypatch.setattr(replay_module, "load_catalog", lambda *args, **kwargs: loaded.append(1))
+    assert main(["replay", "--items", str(items), "--events", str(events), "--no-progress"]) == 2
+    assert "item_knn needs" in capsys.readouterr().err and not loaded
 
 
 def test_replay_takes_the_pipeline_settings_but_not_the_agent_data_dir_or_log_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
