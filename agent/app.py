@@ -35,7 +35,8 @@ QUEUE_GROUP = "recsys-agent"
 
 
 @asynccontextmanager
-async def nats_connection(url: str) -> AsyncIterator[NATS]:
+async def nats_connection(servers: str | list[str]) -> AsyncIterator[NATS]:
+    """A connection to one server or to any of a cluster's (a list of URLs)."""
     async def on_error(exc: Exception) -> None:
         log.warning("NATS: %s", exc)
 
@@ -46,7 +47,7 @@ async def nats_connection(url: str) -> AsyncIterator[NATS]:
         log.info("NATS connection restored")
 
     nc = await nats.connect(
-        url,
+        servers,
         name="recsys-agent",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -101,7 +102,7 @@ class Agent:
                 embedded_nats_server(settings.data_dir / "nats", settings.nats_port, binary=settings.nats_server_bin)
             )
             self.nats_url = server.url
-        nc = await stack.enter_async_context(nats_connection(self.nats_url))
+        nc = await stack.enter_async_context(nats_connection(settings.nats_servers() or [self.nats_url]))
         js = nc.jetstream()
         await ensure_streams(js, settings)
         self.pipeline.context.nc = nc

@@ -51,8 +51,8 @@ async def embed_items(settings: Settings, items: list[Item]) -> float:
 
 
 async def publish_items(settings: Settings, items: list[Item]) -> None:
-    async def publish(url: str) -> None:
-        nc = await nats.connect(url)
+    async def publish(servers: list[str]) -> None:
+        nc = await nats.connect(servers)
         try:
             js = nc.jetstream()
             await ensure_streams(js, settings)
@@ -63,11 +63,11 @@ async def publish_items(settings: Settings, items: list[Item]) -> None:
         finally:
             await nc.drain()
 
-    if settings.nats_url:
-        await publish(settings.nats_url)
+    if settings.nats_servers():
+        await publish(settings.nats_servers())
         return
     async with embedded_nats_server(settings.data_dir / "nats", 0, binary=settings.nats_server_bin) as server:
-        await publish(server.url)
+        await publish([server.url])
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -109,7 +109,8 @@ class Settings:
             ("stream_max_age_s", self.stream_max_age_s >= 0, "must not be negative"),
             ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "must be DEBUG, INFO, WARNING or ERROR"),
             ("subject_prefix", _is_subject_token_path(self.subject_prefix), "must be dot-separated tokens without spaces or wildcards"),
-            ("nats_url", not self.nats_url or self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")), "must start with nats://, tls://, ws:// or wss://"),
+            ("nats_url", all(url.startswith(("nats://", "tls://", "ws://", "wss://")) for url in self.nats_servers()),
+             "must be one URL, or comma-separated URLs of a cluster, each starting with nats://, tls://, ws:// or wss://"),
         ]
         for key in ("stream_name", "catalog_stream_name", "consumer_name"):
             checks.append((key, _NATS_NAME.fullmatch(getattr(self, key)) is not None,
@@ -122,6 +123,10 @@ class Settings:
             if isinstance(value, float) and not math.isfinite(value):
                 # an infinite limit passes every range check, then breaks a library
                 raise ConfigError(f"config key '{item.name}' must be a finite number (got {value!r})")
+
+    def nats_servers(self) -> list[str]:
+        """The URLs in ``nats_url`` (a cluster's are comma-separated); empty: the embedded server."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
 
     def plugin_options(self, name: str) -> dict[str, Any]:
         return self.plugins.get(name, {})

@@ -12,7 +12,7 @@ implementation move it. Built-in stages are registered before entry-point plugin
 third-party plugin runs before the built-ins unless it says ``trylast``.
 
 Failure: every implementation call is timed and isolated. An exception or a timeout is logged
-and counted (``recsys_plugin_errors_total``) and that implementation's answer is skipped; the
+and counted (``recsys_plugin_failures_total``) and that implementation's answer is skipped; the
 event and the agent carry on. Wrappers (``hookwrapper``/``wrapper``) are not supported.
 """
 

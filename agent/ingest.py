@@ -8,6 +8,7 @@ consumers that acknowledge a message only once it has been applied.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -92,11 +93,17 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
     ]
     for config in wanted:
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
         else:
-            await js.update_stream(config)
+            # Only what the settings say changes: what an operator set on the stream (replicas
+            # on a cluster, placement, a message limit) stays.
+            await js.update_stream(dataclasses.replace(info.config, **{name: getattr(config, name) for name in AGENT_STREAM_FIELDS}))
+
+
+# the stream settings the agent decides (from its settings); update_stream leaves the rest
+AGENT_STREAM_FIELDS = ("subjects", "retention", "storage", "max_age", "max_bytes", "max_msg_size", "duplicate_window")
 
 
 def _event_type(subject: str) -> str:

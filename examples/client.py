@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import nats
 import orjson
@@ -31,8 +32,12 @@ async def main() -> None:
 
     await nc.subscribe("recsys.recs.alice", cb=show)
     await js.publish("recsys.catalog.upsert", orjson.dumps(ITEMS))
+    # ids unique to this run: the agent remembers ids across restarts, and a repeated id is a
+    # duplicate, which is counted once and gets no push
+    run = uuid.uuid4().hex[:8]
     for n, item in enumerate(["tent", "boots"]):
-        await js.publish("recsys.events.view", orjson.dumps({"id": f"demo-{n}", "type": "view", "user_id": "alice", "item_id": item}))
+        event = {"id": f"demo-{run}-{n}", "type": "view", "user_id": "alice", "item_id": item}
+        await js.publish("recsys.events.view", orjson.dumps(event))
         await asyncio.sleep(0.5)
     reply = await nc.request("recsys.recommend", orjson.dumps({"user_id": "alice", "k": 3}), timeout=5)
     print("pull:", orjson.loads(reply.data)["items"])

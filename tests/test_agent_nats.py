@@ -261,6 +261,29 @@ async def test_a_rebuild_judges_events_as_they_were_judged_on_arrival(settings: 
         assert agent.pipeline.users.get("fay") is None
 
 
+async def test_a_cluster_is_reached_through_comma_separated_urls(settings: Settings, client: Client, nats_url: str) -> None:
+    # one server of the "cluster" is down: the agent connects to another
+    settings.nats_url = f"nats://127.0.0.1:1, {nats_url}"
+    settings.disabled_plugins = ["content"]
+    async with Agent(settings):
+        await client.upsert(catalog(3))
+        await client.publish_event({"id": "c1", "type": "view", "user_id": "gil", "item_id": "item-0"})
+        await client.wait_for(lambda: "c1" in client.reflected_event_ids())
+
+
+async def test_a_start_keeps_what_an_operator_set_on_the_streams(settings: Settings, client: Client) -> None:
+    await ensure_streams(client.js, settings)
+    info = await client.js.stream_info(settings.stream_name)
+    config = info.config
+    config.max_msgs, config.description = 123_456, "edited by an operator"
+    await client.js.update_stream(config)
+    settings.stream_max_age_s = 3_600.0
+    await ensure_streams(client.js, settings)  # as every agent start does
+    config = (await client.js.stream_info(settings.stream_name)).config
+    assert (config.max_msgs, config.description) == (123_456, "edited by an operator")
+    assert config.max_age == 3_600.0, "what the settings decide is applied"
+
+
 async def test_a_message_that_cannot_be_applied_does_not_stop_later_starts(settings: Settings, client: Client) -> None:
     class Breaks:
         """A plugin whose enrichment is broken for one user: a bug that retries cannot cure."""
