@@ -7,6 +7,8 @@ delivered message has been applied and settled and every owed push has been atte
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -118,6 +120,7 @@ class Agent:
             "state rebuilt in %.2f s: %d items, %d users",
             time.perf_counter() - started, self.pipeline.catalog.active_count(), len(self.pipeline.users),
         )
+        await stack.enter_async_context(self._collector_spared_startup())
         await stack.enter_async_context(pushes.running())
         await stack.enter_async_context(ingestor.consuming())
         await stack.enter_async_context(self._recommend_responder(nc))
@@ -126,6 +129,34 @@ class Agent:
         api = ApiState(settings=settings, pipeline=self.pipeline, js=js, nats_url=self.nats_url, started_at=time.time())
         self.http_url = await stack.enter_async_context(serving(api, routes))
         log.info("agent ready: NATS %s, HTTP %s", self.nats_url, self.http_url)
+
+    @asynccontextmanager
+    async def _collector_spared_startup(self) -> AsyncIterator[None]:
+        """Keep what the start built (models, the catalog, the rebuilt state: hundreds of
+        thousands of objects) out of the cyclic garbage collector's full passes.
+
+        Measured on the dev set: with them in, every full pass took 280-360 ms, a stall that
+        every event in flight waits out (p99 at 250 events/s rose from about 20 to 300 ms).
+        They live as long as the agent, so scanning them finds nothing. Frozen once the
+        state is rebuilt (collected first, so no garbage is kept), and again once the
+        background work of the start (the embedding model, the catalog's vectors) is done.
+        """
+        gc.collect()
+        gc.freeze()
+
+        async def after_settle() -> None:
+            await self.pipeline.settle()
+            gc.freeze()
+            log.debug("%d objects kept out of the garbage collector's passes", gc.get_freeze_count())
+
+        task = asyncio.create_task(after_settle(), name="freeze-after-settle")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            gc.unfreeze()
 
     @asynccontextmanager
     async def _recommend_responder(self, nc: NATS) -> AsyncIterator[None]:

@@ -118,6 +118,10 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
             cpu_used = cpu_seconds(process.pid) - cpu_before
             latencies = [1000 * (received[e] - sent[e]) for e in sent if e in received]
+            # when the slowest events were sent: one stall (a start-up task, a collection) and a
+            # saturated agent look alike in a percentile, not in time
+            slowest = sorted((received[e] - sent[e], sent[e] - start) for e in sent if e in received)[-5:]
+            print("slowest events sent at " + ", ".join(f"{at:.2f} s ({1000 * lag:.0f} ms)" for lag, at in reversed(slowest)))
             print(f"latency at {args.rate:.0f} events/s for {send_seconds:.1f} s ({total} events, {pushes} pushes, "
                   f"{len(latencies)} reflected): p50 {statistics.median(latencies):.2f} ms, "
                   f"p90 {percentile(latencies, 0.9):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms, max {max(latencies):.1f} ms; "
