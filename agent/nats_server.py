@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import logging
 import re
 import shutil
 import signal
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 _LISTENING = re.compile(r"Listening for client connections on ([0-9.:\[\]a-fA-F]+):(\d+)")
 _READY = "Server is ready"
 START_TIMEOUT_S = 15.0
+
+
+LOCK_FILE = "recsys-agent.lock"
 
 
 class NatsServerError(RuntimeError):
@@ -73,12 +77,35 @@ def _stop_with_parent() -> Callable[[], None] | None:
     return arm
 
 
+@contextmanager
+def _exclusive(store_dir: Path) -> Iterator[None]:
+    """Hold a lock on ``store_dir`` for as long as its server runs: two servers on one
+    JetStream store (a second agent, or ``catalog import`` without ``--nats-url``, on a running
+    agent's data dir) would each believe they own it."""
+    with open(store_dir / LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NatsServerError(
+                f"{store_dir} is in use by another agent's nats-server; stop that agent, give this one"
+                " its own --data-dir, or connect to the running one with --nats-url"
+            ) from None
+        yield
+
+
 @asynccontextmanager
 async def embedded_nats_server(
     store_dir: Path, port: int = 0, host: str = "127.0.0.1", binary: str = ""
 ) -> AsyncIterator[RunningServer]:
     """Run nats-server with JetStream storing under ``store_dir``; port 0 picks a free one."""
     store_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(store_dir):
+        async with _serving(store_dir, port, host, binary) as server:
+            yield server
+
+
+@asynccontextmanager
+async def _serving(store_dir: Path, port: int, host: str, binary: str) -> AsyncIterator[RunningServer]:
     args = [
         find_binary(binary),
         "--addr", host,

@@ -146,6 +146,21 @@ async def test_a_killed_agent_takes_its_nats_server_with_it(tmp_path: Path) -> N
             await asyncio.sleep(0.1)
 
 
+async def test_a_second_agent_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    process, _, _ = await start_agent("--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
+    try:
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", "run", "--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            _, err = await second.communicate()
+        assert second.returncode == 1 and b"in use by another agent's nats-server" in err
+    finally:
+        await stop(process)
+    assert process.returncode == 0
+
+
 def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     import subprocess
 
