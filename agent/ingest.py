@@ -219,13 +219,13 @@ class Ingestor:
         await self._rebuild_one(msg, self._apply_event_message)
 
     async def _rebuild_one(self, msg: Msg, apply: Callable[[Msg], Awaitable[object]]) -> None:
-        # Invalid messages were dead-lettered on their first pass; replay skips them quietly.
-        # One that fails otherwise (it was retried and dead-lettered, or a plugin changed
-        # since) is skipped with a report: one message must not stop every later start.
+        # One that fails otherwise than as invalid (it was retried and dead-lettered, or a
+        # plugin changed since) is skipped with a report: one message must not stop every
+        # later start.
         try:
             await apply(msg)
         except InvalidMessage:
-            pass
+            return  # dead-lettered with its reason on its first pass: skipped quietly
         except Exception:
             self.rebuild_failures += 1
             if self.rebuild_failures <= MAX_REBUILD_REPORTS:

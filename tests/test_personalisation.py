@@ -134,8 +134,9 @@ async def test_deleted_item_leaves_qdrant_and_the_lists(tmp_path: Path) -> None:
 async def test_a_delete_before_content_is_ready_still_leaves_qdrant(tmp_path: Path, embed_calls: list[int]) -> None:
     # A restart replays the catalog stream (upsert, then delete) while the model and Qdrant are
     # still opening; a live delete can land while the item's batch waits to be encoded.
-    async with pipeline_on(tmp_path):
-        pass
+    async with pipeline_on(tmp_path) as first:
+        # a first run leaves every item's point in Qdrant, as a restart finds them
+        assert first.pm.get_plugin("content").store.count() == len(FILMS)
     embed_calls.clear()
     settings = offline(tmp_path)
     pipeline = Pipeline(settings, get_plugin_manager(settings))
