@@ -20,16 +20,16 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from agent.bus.disposition import Settler
+from agent.bus.embedded_server import embedded_nats_server
+from agent.bus.ingest import DRAIN_TIMEOUT_S, Ingestor, drain_bounded, ensure_streams
 from agent.config import Settings
-from agent.disposition import Settler
-from agent.http_api import ApiState, serving
-from agent.ingest import DRAIN_TIMEOUT_S, Ingestor, drain_bounded, ensure_streams
-from agent.metrics import Metrics
-from agent.models import InvalidMessage, decode_json, parse_recommend_request
-from agent.nats_server import embedded_nats_server
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
-from agent.pushes import PushScheduler
+from agent.hooks.manager import get_plugin_manager
+from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.push_scheduler import PushScheduler
+from agent.serving.http_api import ApiState, serving
+from agent.serving.metrics import Metrics
+from agent.wire.contract import InvalidMessage, decode_json, parse_recommend_request
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ QUEUE_GROUP = "recsys-agent"
 @asynccontextmanager
 async def nats_connection(servers: str | list[str]) -> AsyncIterator[NATS]:
     """A connection to one server or to any of a cluster's (a list of URLs)."""
+
     async def on_error(exc: Exception) -> None:
         log.warning("NATS: %s", exc)
 
@@ -118,7 +119,9 @@ class Agent:
         await ingestor.rebuild()
         log.info(
             "state rebuilt in %.2f s: %d items, %d users",
-            time.perf_counter() - started, self.pipeline.catalog.active_count(), len(self.pipeline.users),
+            time.perf_counter() - started,
+            self.pipeline.catalog.active_count(),
+            len(self.pipeline.users),
         )
         await stack.enter_async_context(self._collector_spared_startup())
         await stack.enter_async_context(pushes.running())
@@ -165,7 +168,8 @@ class Agent:
             try:
                 request = parse_recommend_request(
                     decode_json(msg.data, self.settings.max_payload_bytes),
-                    max_k=self.settings.max_k, default_k=self.settings.default_k,
+                    max_k=self.settings.max_k,
+                    default_k=self.settings.default_k,
                 )
                 recs = await self.pipeline.recommend(
                     request.user_id, request.k, categories=request.categories, exclude=request.exclude

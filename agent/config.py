@@ -94,7 +94,11 @@ class Settings:
             ("max_payload_bytes", 256 <= self.max_payload_bytes <= 8 * 1024 * 1024, "must be between 256 and 8 MiB"),
             ("stage_timeout_ms", self.stage_timeout_ms > 0, "must be positive"),
             ("catalog_timeout_s", self.catalog_timeout_s > 0, "must be positive"),
-            ("qdrant_url", not self.qdrant_url or self.qdrant_url.startswith(("http://", "https://")), "must start with http:// or https://"),
+            (
+                "qdrant_url",
+                not self.qdrant_url or self.qdrant_url.startswith(("http://", "https://")),
+                "must start with http:// or https://",
+            ),
             ("vector_cache_max_items", self.vector_cache_max_items >= 0, "must not be negative"),
             ("ack_wait_s", self.ack_wait_s >= 1, "must be at least 1 second"),
             ("max_ack_pending", self.max_ack_pending >= 1, "must be at least 1"),
@@ -107,14 +111,30 @@ class Settings:
             ("trending_half_life_s", self.trending_half_life_s > 0, "must be positive"),
             ("rating_max", self.rating_max > 0, "must be positive"),
             ("stream_max_age_s", self.stream_max_age_s >= 0, "must not be negative"),
-            ("log_level", self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "must be DEBUG, INFO, WARNING or ERROR"),
-            ("subject_prefix", _is_subject_token_path(self.subject_prefix), "must be dot-separated tokens without spaces or wildcards"),
-            ("nats_url", all(url.startswith(("nats://", "tls://", "ws://", "wss://")) for url in self.nats_servers()),
-             "must be one URL, or comma-separated URLs of a cluster, each starting with nats://, tls://, ws:// or wss://"),
+            (
+                "log_level",
+                self.log_level.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+                "must be DEBUG, INFO, WARNING or ERROR",
+            ),
+            (
+                "subject_prefix",
+                _is_subject_token_path(self.subject_prefix),
+                "must be dot-separated tokens without spaces or wildcards",
+            ),
+            (
+                "nats_url",
+                all(url.startswith(("nats://", "tls://", "ws://", "wss://")) for url in self.nats_servers()),
+                "must be one URL, or comma-separated URLs of a cluster, each starting with nats://, tls://, ws:// or wss://",
+            ),
         ]
         for key in ("stream_name", "catalog_stream_name", "consumer_name"):
-            checks.append((key, _NATS_NAME.fullmatch(getattr(self, key)) is not None,
-                           "must be a NATS name: no spaces, dots, wildcards (* >) or slashes"))
+            checks.append(
+                (
+                    key,
+                    _NATS_NAME.fullmatch(getattr(self, key)) is not None,
+                    "must be a NATS name: no spaces, dots, wildcards (* >) or slashes",
+                )
+            )
         for key, ok, reason in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {reason} (got {getattr(self, key)!r})")
@@ -239,7 +259,7 @@ def load_settings(
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        key = name[len(ENV_PREFIX):].lower()
+        key = name[len(ENV_PREFIX) :].lower()
         if key not in FIELD_NAMES or key == "plugins":
             raise ConfigError(f"environment variable {name} does not name a known setting")
         values[key] = _coerce_setting(key, raw, f"environment {name}")

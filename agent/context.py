@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent.catalog import Catalog
 from agent.config import Settings
-from agent.metrics import Metrics
-from agent.state import UserStore
+from agent.pipeline.catalog import Catalog
+from agent.pipeline.user_state import UserStore
+from agent.serving.metrics import Metrics
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS

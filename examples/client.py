@@ -1,7 +1,7 @@
 """A client app, as a shop would write it: publish items and events, print the pushes.
 
-    recsys-agent run            # in one terminal (embedded NATS on 4222)
-    python examples/client.py   # in another
+recsys-agent run            # in one terminal (embedded NATS on 4222)
+python examples/client.py   # in another
 """
 
 from __future__ import annotations

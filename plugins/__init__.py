@@ -1,1 +1,1 @@
-"""Built-in stages, each an ordinary plugin registered by ``agent.plugin_manager``."""
+"""Built-in stages, each an ordinary plugin registered by ``agent.hooks.manager``."""

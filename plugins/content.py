@@ -25,19 +25,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from agent.catalog import Catalog
 from agent.context import AgentContext
-from agent.embeddings import Embedder, content_hash, item_text, shared_embedder
-from agent.hookspecs import hookimpl
-from agent.item_neighbours import NEIGHBOURS, ItemNeighbours
-from agent.item_vectors import ItemVectors
-from agent.metrics import Metrics
-from agent.models import Item
-from agent.ranking import Candidates, Query, top_slots
-from agent.summaries import profile_text
+from agent.hooks.specs import hookimpl
+from agent.llm.summaries import profile_text
+from agent.pipeline.catalog import Catalog
+from agent.pipeline.user_state import UserState
+from agent.pipeline.values import Candidates, Query, top_slots
+from agent.serving.metrics import Metrics
 from agent.threads import in_daemon_thread, join_running
-from agent.state import UserState
-from agent.vector_store import VectorStore
+from agent.vectors.embeddings import Embedder, content_hash, item_text, shared_embedder
+from agent.vectors.item_neighbours import NEIGHBOURS, ItemNeighbours
+from agent.vectors.item_vectors import ItemVectors
+from agent.vectors.qdrant_store import VectorStore
+from agent.wire.contract import Item
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,14 @@ PROGRESS_FROM = 1_000
 PROFILE_REASON = "matches your interest profile"
 # the embedded LLM profile's key in UserState.extras
 PROFILE_VECTOR = "content.profile_vector"
-VERBS = {"view": "viewed", "click": "opened", "like": "liked", "add_to_cart": "added to your cart",
-         "purchase": "bought", "rate": "rated"}
+VERBS = {
+    "view": "viewed",
+    "click": "opened",
+    "like": "liked",
+    "add_to_cart": "added to your cart",
+    "purchase": "bought",
+    "rate": "rated",
+}
 
 
 @dataclass(slots=True)
@@ -121,7 +127,9 @@ class ContentRetrieval:
             raise ValueError(f"[plugins.content] neighbours must be a whole number of at least 1, not {neighbours!r}")
         self.neighbours = ItemNeighbours(neighbours)
         if self.search_mode not in SEARCH_MODES:
-            raise ValueError(f"[plugins.content] search must be one of {', '.join(SEARCH_MODES)}, not {self.search_mode!r}")
+            raise ValueError(
+                f"[plugins.content] search must be one of {', '.join(SEARCH_MODES)}, not {self.search_mode!r}"
+            )
         self.cache_max_items = ctx.settings.vector_cache_max_items
         self._catalog = ctx.catalog
         self._metrics = ctx.metrics
@@ -143,8 +151,12 @@ class ContentRetrieval:
         settings = ctx.settings
         self.embedder = await in_daemon_thread(shared_embedder, settings.embedding_model, settings.embedding_device)
         store = await asyncio.to_thread(
-            VectorStore, settings.qdrant_collection, self.embedder.dim,
-            path=settings.data_dir / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key or None,
+            VectorStore,
+            settings.qdrant_collection,
+            self.embedder.dim,
+            path=settings.data_dir / "qdrant",
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key or None,
         )
         self.store = store
         self._stored = {item_id: (h, v) for item_id, h, v in await asyncio.to_thread(lambda: list(store.scan()))}
@@ -175,7 +187,10 @@ class ContentRetrieval:
                     await self._project_if_grown()
                 self._metrics_gauge()
             except Exception:
-                log.exception("catalog work failed in content retrieval (%s)", "a delete" if isinstance(work, Deletion) else "embedding a batch")
+                log.exception(
+                    "catalog work failed in content retrieval (%s)",
+                    "a delete" if isinstance(work, Deletion) else "embedding a batch",
+                )
             finally:
                 self._queue.task_done()
 
@@ -253,13 +268,21 @@ class ContentRetrieval:
             for start in range(0, len(todo), EMBED_CHUNK):
                 chunk = todo[start : start + EMBED_CHUNK]
                 vectors = await in_daemon_thread(self.embedder.encode, [text for _, _, text, _ in chunk])
-                payloads: list[dict[str, object]] = [{"title": item.title, "categories": list(item.categories)} for item, _, _, _ in chunk]
+                payloads: list[dict[str, object]] = [
+                    {"title": item.title, "categories": list(item.categories)} for item, _, _, _ in chunk
+                ]
                 if writing is not None:
                     # shielded: a cancel must not look like the write's end while its thread runs
                     await asyncio.shield(writing)
-                writing = asyncio.ensure_future(asyncio.to_thread(
-                    self.store.upsert, [item.id for item, _, _, _ in chunk], vectors, [d for _, _, _, d in chunk], payloads
-                ))
+                writing = asyncio.ensure_future(  # noqa: RUF006 (awaited below)
+                    asyncio.to_thread(
+                        self.store.upsert,
+                        [item.id for item, _, _, _ in chunk],
+                        vectors,
+                        [d for _, _, _, d in chunk],
+                        payloads,
+                    )
+                )
                 # Serving from memory before Qdrant has the point is safe: if the agent stops
                 # first, the item has no stored vector and is embedded again at the next start.
                 self.vectors.set([slot for _, slot, _, _ in chunk], vectors, [d for _, _, _, d in chunk])
@@ -309,7 +332,9 @@ class ContentRetrieval:
         rows = vectors.rows(slots[present])
         short = (signals * SHORT_DECAY**ages) @ rows
         long = (signals * LONG_DECAY**ages) @ rows
-        positives = [(i.slot, i.type) for i, s in zip(history, signals.tolist(), strict=True) if s > 0][-RECENT_POSITIVES:]
+        positives = [(i.slot, i.type) for i, s in zip(history, signals.tolist(), strict=True) if s > 0][
+            -RECENT_POSITIVES:
+        ]
         return Taste(short=short, long=long, positives=positives)
 
     # -- retrieval -----------------------------------------------------------------------------
@@ -391,13 +416,18 @@ class ContentRetrieval:
             if len(slots):
                 results.append(
                     Candidates(
-                        source, slots, scores, PROFILE_REASON if source == "profile" else taste_reasons,
+                        source,
+                        slots,
+                        scores,
+                        PROFILE_REASON if source == "profile" else taste_reasons,
                         score_of=self.vectors.scorer(vector),
                     )
                 )
         return results
 
-    def _search(self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _search(
+        self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         vectors = self.vectors
         assert vectors is not None
         allowed = query.allowed()
@@ -416,7 +446,9 @@ class ContentRetrieval:
             found.append((pool[best], best_scores))
         return found
 
-    async def _search_qdrant(self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]) -> list[Candidates]:
+    async def _search_qdrant(
+        self, query: Query, taste: Taste, queries: list[tuple[str, np.ndarray]]
+    ) -> list[Candidates]:
         # Catalogs beyond the in-memory scan's size are searched in Qdrant (HNSW on a server):
         # a blocking client call, so in a thread, never on the event loop.
         store = self.store
@@ -427,8 +459,17 @@ class ContentRetrieval:
             hits = await asyncio.to_thread(store.search, vector, query.n_candidates + len(query.exclude))
             pairs = [(catalog.slot(item_id), score) for item_id, score in hits]
             allowed = query.allowed()
-            kept = [(s, sc) for s, sc in pairs if s is not None and s < len(allowed) and allowed[s]][: query.n_candidates]
+            kept = [(s, sc) for s, sc in pairs if s is not None and s < len(allowed) and allowed[s]][
+                : query.n_candidates
+            ]
             if kept:
                 slots = np.array([s for s, _ in kept], dtype=np.int64)
-                results.append(Candidates(source, slots, np.array([sc for _, sc in kept]), PROFILE_REASON if source == "profile" else self._reasons(taste, catalog)))
+                results.append(
+                    Candidates(
+                        source,
+                        slots,
+                        np.array([sc for _, sc in kept]),
+                        PROFILE_REASON if source == "profile" else self._reasons(taste, catalog),
+                    )
+                )
         return results

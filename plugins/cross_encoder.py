@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from agent.context import AgentContext
-from agent.embeddings import item_text
-from agent.hookspecs import hookimpl
-from agent.ranking import Query, Scored
+from agent.hooks.specs import hookimpl
+from agent.pipeline.values import Query, Scored
 from agent.threads import in_daemon_thread
+from agent.vectors.embeddings import item_text
 
 DEFAULT_DEPTH = 20
 QUERY_ITEMS = 5
@@ -56,7 +56,9 @@ class CrossEncoderReranker:
             from sentence_transformers import CrossEncoder
 
             # a daemon thread: a stop while the model loads must not wait for it
-            self.model = await in_daemon_thread(lambda: CrossEncoder(str(name), device=str(options.get("device", "cpu"))))
+            self.model = await in_daemon_thread(
+                lambda: CrossEncoder(str(name), device=str(options.get("device", "cpu")))
+            )
         try:
             yield
         finally:

@@ -7,10 +7,10 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from agent.catalog import grow
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.ranking import Candidates, Query, first_allowed
+from agent.hooks.specs import hookimpl
+from agent.pipeline.catalog import grow
+from agent.pipeline.values import Candidates, Query, first_allowed
 
 DEFAULT_WINDOW_S = 7 * 86_400.0
 

@@ -20,18 +20,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
 
+from agent.bus.kv_snapshots import Snapshots
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.ranking import Candidates, Query, Scored, sorted_unique, top_slots
-from agent.snapshots import Snapshots
-from agent.state import UserState, UserStore
+from agent.hooks.specs import hookimpl
+from agent.pipeline.user_state import UserState, UserStore
+from agent.pipeline.values import Candidates, Query, Scored, sorted_unique, top_slots
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ class LearnedFusion:
                         # a weight that is not a finite number (NaN is saved as null) is
                         # learned again rather than failing the start
                         self.weights[str(segment)] = {
-                            str(k): float(v) for k, v in table.items()
+                            str(k): float(v)
+                            for k, v in table.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                         }
         saver = asyncio.create_task(self._save_periodically(snapshots)) if snapshots is not None else None
@@ -204,7 +205,9 @@ class LearnedFusion:
         else:
             mean = raw.mean(axis=1, keepdims=True)
             deviation = raw - mean
-        spread = np.sqrt(np.einsum("ij,ij->i", deviation, deviation)[:, None] / (raw.shape[1] if complete else counts_known))
+        spread = np.sqrt(
+            np.einsum("ij,ij->i", deviation, deviation)[:, None] / (raw.shape[1] if complete else counts_known)
+        )
         z = deviation / np.where(spread > 0, spread, np.inf)
         if not complete:
             z[~known] = Z_MIN
@@ -244,7 +247,9 @@ class LearnedFusion:
         counts = proposed.sum(axis=0).tolist()
         ranked = [
             Scored(slot, score, [], names_[:count])
-            for slot, score, names_, count in zip(top_slots_.tolist(), scores.tolist(), by_strength, counts, strict=True)
+            for slot, score, names_, count in zip(
+                top_slots_.tolist(), scores.tolist(), by_strength, counts, strict=True
+            )
         ]
         # Only rankings of users the agent holds are remembered: a read for an unknown user
         # must not grow memory, and a user forgotten while an asynchronous source was awaited

@@ -17,11 +17,11 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from agent.catalog import grow
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.ranking import Candidates, Query, top_slots
-from agent.state import UserState
+from agent.hooks.specs import hookimpl
+from agent.pipeline.catalog import grow
+from agent.pipeline.user_state import UserState
+from agent.pipeline.values import Candidates, Query, top_slots
 
 WINDOW = 10
 TRANSITION_STEPS = 3
@@ -133,7 +133,9 @@ class ItemToItem:
             if distance <= TRANSITION_STEPS:
                 self.after.add(other, slot, 1.0 / distance)
 
-    def _score(self, query: Query, recent: list[int], neighbours: Neighbours, source: str, template: str) -> Candidates | None:
+    def _score(
+        self, query: Query, recent: list[int], neighbours: Neighbours, source: str, template: str
+    ) -> Candidates | None:
         rows = [(age, anchor, neighbours.row(anchor)) for age, anchor in enumerate(recent)]
         rows = [(age, anchor, row) for age, anchor, row in rows if row is not None]
         if not rows:
@@ -171,8 +173,12 @@ class ItemToItem:
             return np.where(wanted < size, totals[np.minimum(wanted, size - 1)], 0.0)
 
         return Candidates(
-            source=source, slots=found[best], scores=best_scores, reasons=reason,
-            score_of=score_of, counts=True,
+            source=source,
+            slots=found[best],
+            scores=best_scores,
+            reasons=reason,
+            score_of=score_of,
+            counts=True,
         )
 
     @hookimpl

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.models import Recommendations
+from agent.hooks.specs import hookimpl
+from agent.wire.contract import Recommendations
 
 
 class NatsPublisher:

@@ -7,10 +7,10 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from agent.catalog import Catalog
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.ranking import Query, Scored
+from agent.hooks.specs import hookimpl
+from agent.pipeline.catalog import Catalog
+from agent.pipeline.values import Query, Scored
 
 
 def category_jaccard(catalog: Catalog, slots: list[int]) -> np.ndarray:

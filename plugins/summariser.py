@@ -20,15 +20,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from agent.catalog import Catalog
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.llm_client import ChatClient, Dialect, LLMError
-from agent.models import Event
-from agent.prompts import history_from_user
-from agent.ranking import Query, Scored
-from agent.state import UserState, UserStore
-from agent.summaries import PROFILE_KEY, Snapshot, SummaryMetrics, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.hooks.specs import hookimpl
+from agent.llm.chat_client import ChatClient, Dialect, LLMError
+from agent.llm.prompts import history_from_user
+from agent.llm.summaries import PROFILE_KEY, Snapshot, SummaryMetrics, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.pipeline.catalog import Catalog
+from agent.pipeline.user_state import UserState, UserStore
+from agent.pipeline.values import Query, Scored
+from agent.wire.contract import Event
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,14 @@ class Summariser:
         try:
             models = await client.probe()
         except LLMError as exc:
-            log.warning("summariser: LLM at %s not reachable at start (%s); heuristic profiles until it is", client.url, exc)
+            log.warning(
+                "summariser: LLM at %s not reachable at start (%s); heuristic profiles until it is", client.url, exc
+            )
             return
         if models and client.model not in models:
-            log.warning("summariser: the server lists %s, not model %r: requests may be refused", models[:5], client.model)
+            log.warning(
+                "summariser: the server lists %s, not model %r: requests may be refused", models[:5], client.model
+            )
         else:
             log.info("summariser: LLM at %s, model %s, dialect %s", client.url, client.model, client.dialect.value)
 
@@ -115,7 +119,9 @@ class Summariser:
         if user is None:
             return None
         entries = history_from_user(user, self.catalog, self.options.history_items)
-        return Snapshot(entries=entries, event_count=user.event_count, has_profile=PROFILE_KEY in user.extras, owner=user)
+        return Snapshot(
+            entries=entries, event_count=user.event_count, has_profile=PROFILE_KEY in user.extras, owner=user
+        )
 
     def unsummarised(self, user_id: str) -> int:
         user = self.users.get(user_id) if self.users is not None else None

@@ -9,13 +9,13 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from agent.catalog import Catalog, grow
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.models import Event
-from agent.ranking import Candidates, Query, first_allowed, top_slots
-from agent.signals import rating_share
-from agent.state import UserState
+from agent.hooks.specs import hookimpl
+from agent.pipeline.catalog import Catalog, grow
+from agent.pipeline.taste_signals import rating_share
+from agent.pipeline.user_state import UserState
+from agent.pipeline.values import Candidates, Query, first_allowed, top_slots
+from agent.wire.contract import Event
 
 # How much one event says about an item's appeal. Negative feedback adds nothing rather than
 # subtracting: one user's skip says little about the crowd.
@@ -171,8 +171,12 @@ class Trending:
             if len(slots):
                 found.append(
                     Candidates(
-                        source=name, slots=slots, scores=values, reasons=REASONS.get(name, name),
-                        score_of=lambda wanted, scores=scores: scores[wanted], counts=True,
+                        source=name,
+                        slots=slots,
+                        scores=values,
+                        reasons=REASONS.get(name, name),
+                        score_of=lambda wanted, scores=scores: scores[wanted],
+                        counts=True,
                     )
                 )
         return found or None

@@ -6,10 +6,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from agent.catalog import Catalog
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.models import Event
+from agent.hooks.specs import hookimpl
+from agent.pipeline.catalog import Catalog
+from agent.wire.contract import Event
 
 
 class EventValidation:

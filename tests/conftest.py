@@ -19,8 +19,8 @@ import nats
 import orjson
 import pytest
 
+from agent.bus.embedded_server import find_binary
 from agent.config import Settings, load_settings
-from agent.nats_server import find_binary
 
 _LISTENING = re.compile(r"Listening for client connections on [^:]+:(\d+)")
 
@@ -125,15 +125,14 @@ async def client(settings: Settings, nats_url: str) -> AsyncIterator[Client]:
 
 def catalog(n: int, categories: tuple[str, ...] = ("drama", "comedy", "horror")) -> list[dict[str, Any]]:
     return [
-        {"id": f"item-{i}", "title": f"Item {i}", "categories": [categories[i % len(categories)]]}
-        for i in range(n)
+        {"id": f"item-{i}", "title": f"Item {i}", "categories": [categories[i % len(categories)]]} for i in range(n)
     ]
 
 
 @pytest.fixture
 def embed_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Batch sizes of every call to the real embedding model during the test."""
-    from agent.embeddings import Embedder
+    from agent.vectors.embeddings import Embedder
 
     calls: list[int] = []
     original = Embedder.encode

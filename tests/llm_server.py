@@ -5,6 +5,7 @@ wheel; nothing is downloaded)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import socket
 import subprocess
@@ -69,22 +70,76 @@ class LlamaServer:
     process: subprocess.Popen[bytes]
     base_url: str  # ends in /v1, as the summariser's base_url option
     log_path: Path
+    killed_on_purpose: bool = False
 
     def kill(self) -> None:
+        self.killed_on_purpose = True
         self.process.kill()
         self.process.wait(timeout=10)
 
+    def death_report(self) -> str | None:
+        """None while the server runs (or after a test killed it); else how it ended and the
+        end of its log, which says more than the client's "Server disconnected"."""
+        if self.killed_on_purpose or self.process.poll() is None:
+            return None
+        return f"llama_cpp.server {exit_description(self.process.returncode)}; its log ends:\n{log_tail(self.log_path)}"
+
+
+def exit_description(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        # SIGSEGV/SIGILL here have meant a build for another CPU (see README: CMAKE_ARGS)
+        return f"was killed by {name} (exit status {returncode})"
+    return f"exited with status {returncode}"
+
+
+def log_tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"(log unreadable: {exc})"
+
+
+def _first_completion(base_url: str) -> None:
+    # A build for the wrong CPU loads the model and answers /models, then dies on the first
+    # matrix product: one token of generation is part of being ready.
+    body = json.dumps({"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+    request = urllib.request.Request(
+        f"{base_url}/chat/completions", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        response.read()
+
 
 @contextmanager
-def llama_server(log_dir: Path, *, n_ctx: int = 2048, threads: int = 1, ready_timeout_s: float = 180.0) -> Iterator[LlamaServer]:
+def llama_server(
+    log_dir: Path, *, n_ctx: int = 2048, threads: int = 1, ready_timeout_s: float = 180.0
+) -> Iterator[LlamaServer]:
     port = free_port()
     log_path = log_dir / f"llama-server-{port}.log"
     command = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(smollm2_gguf()), "--model_alias", MODEL_ALIAS,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-        "--verbose", "False",
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(smollm2_gguf()),
+        "--model_alias",
+        MODEL_ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--verbose",
+        "False",
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -92,8 +147,8 @@ def llama_server(log_dir: Path, *, n_ctx: int = 2048, threads: int = 1, ready_ti
     try:
         deadline = time.monotonic() + ready_timeout_s
         while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            if (report := server.death_report()) is not None:
+                raise RuntimeError(report)
             try:
                 with urllib.request.urlopen(f"{server.base_url}/models", timeout=2) as response:
                     if response.status == 200:
@@ -101,8 +156,13 @@ def llama_server(log_dir: Path, *, n_ctx: int = 2048, threads: int = 1, ready_ti
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass  # not listening yet: poll again until the deadline
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server not ready after {ready_timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"llama_cpp.server not ready after {ready_timeout_s:.0f} s:\n{log_tail(log_path)}")
             time.sleep(0.2)
+        try:
+            _first_completion(server.base_url)
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            process.wait(timeout=10)  # a crash takes a moment to be reaped
+            raise RuntimeError(server.death_report() or f"llama_cpp.server failed its first completion: {exc}") from exc
         yield server
     finally:
         if process.poll() is None:

@@ -12,11 +12,11 @@ import pytest
 from nats.js import api
 
 from agent.app import Agent
+from agent.bus.ingest import ensure_streams
 from agent.config import Settings
-from agent.hookspecs import hookimpl
-from agent.ingest import ensure_streams
-from agent.models import Event
-from agent.tokens import user_token
+from agent.hooks.specs import hookimpl
+from agent.wire.contract import Event
+from agent.wire.user_tokens import user_token
 
 from .conftest import Client, catalog, make_settings
 
@@ -63,7 +63,9 @@ async def test_request_reply_and_http_api(settings: Settings, client: Client) ->
         await client.upsert(catalog(30))
         await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 30)
         async with aiohttp.ClientSession(agent.http_url) as http:
-            response = await http.post("/v1/events", json={"id": "h1", "type": "purchase", "user_id": "carol", "item_id": "item-3"})
+            response = await http.post(
+                "/v1/events", json={"id": "h1", "type": "purchase", "user_id": "carol", "item_id": "item-3"}
+            )
             assert response.status == 202, await response.text()
             await client.wait_for(lambda: "h1" in client.reflected_event_ids())
 
@@ -85,7 +87,9 @@ async def test_request_reply_and_http_api(settings: Settings, client: Client) ->
             metrics = await (await http.get("/metrics")).text()
             assert "recsys_events_applied_total 1.0" in metrics
 
-        reply = await client.nc.request(settings.subject("recommend"), orjson.dumps({"user_id": "carol", "k": 3}), timeout=5)
+        reply = await client.nc.request(
+            settings.subject("recommend"), orjson.dumps({"user_id": "carol", "k": 3}), timeout=5
+        )
         body = orjson.loads(reply.data)
         assert body["user_id"] == "carol" and len(body["items"]) == 3
         reply = await client.nc.request(settings.subject("recommend"), b'{"k": 3}', timeout=5)
@@ -126,10 +130,16 @@ async def test_a_batch_the_stream_refuses_halfway_says_what_was_stored(settings:
         # the shape of a date, but no such day: dead-lettered with its reason, not retried
         (b'{"type": "view", "user_id": "u", "item_id": "i", "ts": "2024-02-30T00:00:00Z"}', "view", "not a valid date"),
         (b'{"type": "click", "user_id": "u", "item_id": "i"}', "view", "subject names type"),
-        (b'{"type": "view", "user_id": "u", "item_id": "i", "context": {"pad": "' + b"x" * 70_000 + b'"}}', "view", "exceeds the limit"),
+        (
+            b'{"type": "view", "user_id": "u", "item_id": "i", "context": {"pad": "' + b"x" * 70_000 + b'"}}',
+            "view",
+            "exceeds the limit",
+        ),
     ],
 )
-async def test_bad_event_goes_to_dlq_with_reason(settings: Settings, client: Client, payload: bytes, subject_type: str, reason: str) -> None:
+async def test_bad_event_goes_to_dlq_with_reason(
+    settings: Settings, client: Client, payload: bytes, subject_type: str, reason: str
+) -> None:
     async with Agent(settings) as agent:
         await client.publish_event(payload, event_type=subject_type)
         await client.publish_event({"id": "ok", "type": "view", "user_id": "u", "item_id": "i"})
@@ -172,10 +182,14 @@ async def test_thousand_events_exactly_once_and_hundred_malformed(settings: Sett
     async with Agent(settings) as agent:
         await client.upsert(catalog(200))
         for i in range(1000):
-            await client.publish_event({"id": f"ev-{i}", "type": "view", "user_id": f"user-{i % 50}", "item_id": f"item-{(i * 7) % 200}"})
+            await client.publish_event(
+                {"id": f"ev-{i}", "type": "view", "user_id": f"user-{i % 50}", "item_id": f"item-{(i * 7) % 200}"}
+            )
             if i % 10 == 0:
                 await client.publish_event(b'{"type": "view", "user_id": ' + str(i).encode() + b"}")
-        await client.wait_for(lambda: len(set(client.reflected_event_ids())) == 1000 and len(client.dead_letters) == 100, timeout=60)
+        await client.wait_for(
+            lambda: len(set(client.reflected_event_ids())) == 1000 and len(client.dead_letters) == 100, timeout=60
+        )
         assert await _applied(agent) == 1000
         assert agent.metrics.value("recsys_pushed_events_total") == 1000
         assert agent.metrics.value("recsys_dead_letters_total", source="events") == 100
@@ -261,7 +275,9 @@ async def test_a_rebuild_judges_events_as_they_were_judged_on_arrival(settings: 
         assert agent.pipeline.users.get("fay") is None
 
 
-async def test_a_cluster_is_reached_through_comma_separated_urls(settings: Settings, client: Client, nats_url: str) -> None:
+async def test_a_cluster_is_reached_through_comma_separated_urls(
+    settings: Settings, client: Client, nats_url: str
+) -> None:
     # one server of the "cluster" is down: the agent connects to another
     settings.nats_url = f"nats://127.0.0.1:1, {nats_url}"
     settings.disabled_plugins = ["content"]

@@ -9,19 +9,24 @@ import pytest
 
 import plugins.content
 from agent.app import Agent
-from agent.catalog_import import CatalogImportError, embed_items, publish_items
-from agent.cli import main
+from agent.cli.catalog_import import CatalogImportError, embed_items, publish_items
+from agent.cli.main import main
 from agent.config import Settings, load_settings
-from agent.datasets import DatasetError, read_items
-from agent.vector_store import VectorStore
+from agent.evaluation.datasets import DatasetError, read_items
+from agent.vectors.qdrant_store import VectorStore
 
 
 def write_items(path: Path, count: int) -> None:
-    lines = [orjson.dumps({"id": f"m{i}", "title": f"Movie {i}", "categories": ["Drama" if i % 2 else "Comedy"]}) for i in range(count)]
+    lines = [
+        orjson.dumps({"id": f"m{i}", "title": f"Movie {i}", "categories": ["Drama" if i % 2 else "Comedy"]})
+        for i in range(count)
+    ]
     path.write_bytes(b"\n".join(lines) + b"\n")
 
 
-async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(settings: Settings, tmp_path: Path, embed_calls: list[int]) -> None:
+async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(
+    settings: Settings, tmp_path: Path, embed_calls: list[int]
+) -> None:
     items_file = tmp_path / "items.jsonl"
     write_items(items_file, 40)
     items = read_items(items_file)
@@ -48,7 +53,9 @@ def test_bad_line_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert f"{items_file}:2: invalid item: missing field 'title'" in capsys.readouterr().err
 
 
-async def test_import_stops_when_content_retrieval_reports_it_could_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_import_stops_when_content_retrieval_reports_it_could_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_model(name: str, device: str) -> None:
         raise RuntimeError("no such model")
 
@@ -56,7 +63,9 @@ async def test_import_stops_when_content_retrieval_reports_it_could_not_start(tm
     items_file = tmp_path / "items.jsonl"
     write_items(items_file, 3)
     settings = load_settings(env={}, overrides={"data_dir": str(tmp_path), "load_entry_points": False})
-    with pytest.raises(CatalogImportError, match=r"content retrieval could not start: no such model \(plugin content\)"):
+    with pytest.raises(
+        CatalogImportError, match=r"content retrieval could not start: no such model \(plugin content\)"
+    ):
         await embed_items(settings, read_items(items_file))
 
 

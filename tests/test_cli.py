@@ -17,8 +17,9 @@ import orjson
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from agent import cli, replay
+from agent.cli import main as cli
 from agent.config import Settings
+from agent.evaluation import replay
 
 from .conftest import Client
 
@@ -27,8 +28,13 @@ LISTENING = re.compile(r"listening: NATS (\S+)\s+HTTP (\S+)")
 
 async def start_agent(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "run", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None
@@ -85,8 +91,12 @@ async def test_run_with_embedded_defaults_serves_and_stops_its_nats_server(tmp_p
             got.set()
 
         await nc.subscribe("recsys.recs.amy", cb=on_push)
-        await nc.jetstream().publish("recsys.catalog.upsert", orjson.dumps([{"id": "m1", "title": "M1"}, {"id": "m2", "title": "M2"}]))
-        await nc.jetstream().publish("recsys.events.view", orjson.dumps({"id": "a1", "type": "view", "user_id": "amy", "item_id": "m1"}))
+        await nc.jetstream().publish(
+            "recsys.catalog.upsert", orjson.dumps([{"id": "m1", "title": "M1"}, {"id": "m2", "title": "M2"}])
+        )
+        await nc.jetstream().publish(
+            "recsys.events.view", orjson.dumps({"id": "a1", "type": "view", "user_id": "amy", "item_id": "m1"})
+        )
         async with asyncio.timeout(10):
             await got.wait()
         await nc.close()
@@ -106,7 +116,9 @@ async def test_sigterm_under_load_exits_fast_and_loses_nothing(settings: Setting
     total = 3000
     ids = [f"load-{i}" for i in range(total)]
     for i, event_id in enumerate(ids[: total // 2]):
-        await client.publish_event({"id": event_id, "type": "view", "user_id": f"u{i % 40}", "item_id": f"item-{i % 100}"})
+        await client.publish_event(
+            {"id": event_id, "type": "view", "user_id": f"u{i % 40}", "item_id": f"item-{i % 100}"}
+        )
     # the signal lands while events are still flowing in
     publisher = asyncio.create_task(_publish_rest(client, ids, total // 2))
     await asyncio.sleep(0.05)
@@ -128,7 +140,9 @@ async def test_sigterm_under_load_exits_fast_and_loses_nothing(settings: Setting
 
 async def _publish_rest(client: Client, ids: list[str], start: int) -> None:
     for i in range(start, len(ids)):
-        await client.publish_event({"id": ids[i], "type": "view", "user_id": f"u{i % 40}", "item_id": f"item-{i % 100}"})
+        await client.publish_event(
+            {"id": ids[i], "type": "view", "user_id": f"u{i % 40}", "item_id": f"item-{i % 100}"}
+        )
 
 
 async def test_a_killed_agent_takes_its_nats_server_with_it(tmp_path: Path) -> None:
@@ -142,7 +156,10 @@ async def test_a_killed_agent_takes_its_nats_server_with_it(tmp_path: Path) -> N
                 _, writer = await asyncio.open_connection(host, int(port))
             except ConnectionRefusedError:
                 break  # the server is gone: its port is free for the next start
-            writer.close()
+            except ConnectionResetError:
+                pass  # accepted while it was dying: look again
+            else:
+                writer.close()
             await asyncio.sleep(0.1)
 
 
@@ -150,8 +167,18 @@ async def test_a_second_agent_on_the_same_data_dir_is_refused(tmp_path: Path) ->
     process, _, _ = await start_agent("--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
     try:
         second = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent", "run", "--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--data-dir",
+            str(tmp_path),
+            "--nats-port",
+            "0",
+            "--http-port",
+            "0",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         async with asyncio.timeout(60):
             _, err = await second.communicate()
@@ -166,7 +193,10 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
 
     result = subprocess.run(
         [sys.executable, "-m", "agent", "run", "--http-port", "seventy"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "RECSYS_DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RECSYS_DATA_DIR": str(tmp_path)},
     )
     assert result.returncode == 2
     assert "config key 'http_port' (from command line) must be an integer" in result.stderr
@@ -179,7 +209,9 @@ def test_a_command_that_cannot_work_says_why_in_one_line(tmp_path: Path) -> None
     not_a_dir.write_text("")
     result = subprocess.run(
         [sys.executable, "-m", "agent", "run", "--data-dir", str(not_a_dir), "--nats-port", "0", "--http-port", "0"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "recsys-agent run: NotADirectoryError" in result.stderr
@@ -188,8 +220,18 @@ def test_a_command_that_cannot_work_says_why_in_one_line(tmp_path: Path) -> None
 async def test_a_signal_while_the_bus_is_unreachable_stops_the_start(tmp_path: Path) -> None:
     # nothing listens on port 1: the agent retries the first connection until told to stop
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent", "run", "--nats-url", "nats://127.0.0.1:1", "--http-port", "0",
-        "--data-dir", str(tmp_path), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--http-port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     await asyncio.sleep(3.0)
     assert process.returncode is None, "still trying to connect"
@@ -203,7 +245,9 @@ def blas_threads() -> set[int]:
     return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
 
 
-def test_commands_run_with_one_blas_thread_and_restore_the_limit_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commands_run_with_one_blas_thread_and_restore_the_limit_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in [n for n in os.environ if n.startswith("RECSYS_")]:
         monkeypatch.delenv(name)
     seen: dict[str, set[int]] = {}
@@ -224,12 +268,28 @@ def test_commands_run_with_one_blas_thread_and_restore_the_limit_after(tmp_path:
     config.write_text('disabled_plugins = ["content"]\nload_entry_points = false\n')
     items, events = tmp_path / "items.jsonl", tmp_path / "events.jsonl"
     items.write_bytes(b'{"id": "A", "title": "A"}\n{"id": "B", "title": "B"}\n')
-    events.write_bytes(b'{"type": "view", "user_id": "1", "item_id": "A", "ts": 1}\n'
-                       b'{"type": "view", "user_id": "1", "item_id": "B", "ts": 2}\n')
+    events.write_bytes(
+        b'{"type": "view", "user_id": "1", "item_id": "A", "ts": 1}\n'
+        b'{"type": "view", "user_id": "1", "item_id": "B", "ts": 2}\n'
+    )
     # two threads beforehand, so that one inside is the command's doing on any machine
     with threadpool_limits(2, user_api="blas"):
         assert cli.main(["run", "--config", str(config), "--data-dir", str(tmp_path / "agent")]) == 0
-        assert cli.main(["replay", "--items", str(items), "--events", str(events), "--config", str(config),
-                         "--inline-baselines", "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "replay",
+                    "--items",
+                    str(items),
+                    "--events",
+                    str(events),
+                    "--config",
+                    str(config),
+                    "--inline-baselines",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert blas_threads() == {2}
     assert seen == {"run": {1}, "replay": {1}}

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load_settings
-from agent.models import InvalidMessage, decode_json, parse_event, parse_items, parse_recommend_request
-from agent.tokens import user_id_from_token, user_token
+from agent.wire.contract import InvalidMessage, decode_json, parse_event, parse_items, parse_recommend_request
+from agent.wire.user_tokens import user_id_from_token, user_token
 
 
 def test_toml_then_env_then_cli(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text('http_port = 9000\nnats_port = 5000\nlog_level = "DEBUG"\n[plugins.trending]\nhalf_life_s = 60\n')
-    settings = load_settings(config, env={"RECSYS_NATS_PORT": "6000", "RECSYS_HTTP_PORT": "7000"}, overrides={"http_port": "7100"})
+    settings = load_settings(
+        config, env={"RECSYS_NATS_PORT": "6000", "RECSYS_HTTP_PORT": "7000"}, overrides={"http_port": "7100"}
+    )
     assert (settings.nats_port, settings.http_port, settings.log_level) == (6000, 7100, "DEBUG")
     assert settings.plugin_options("trending") == {"half_life_s": 60}
 
@@ -22,7 +24,10 @@ def test_toml_then_env_then_cli(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"RECSYS_HTTP_PORT": "eighty"}, "config key 'http_port' (from environment RECSYS_HTTP_PORT) must be an integer"),
+        (
+            {"RECSYS_HTTP_PORT": "eighty"},
+            "config key 'http_port' (from environment RECSYS_HTTP_PORT) must be an integer",
+        ),
         ({"RECSYS_HTTP_PORT": "70000"}, "config key 'http_port' must be between 0 and 65535"),
         ({"RECSYS_NO_SUCH": "1"}, "RECSYS_NO_SUCH does not name a known setting"),
         ({"RECSYS_NATS_URL": "http://x"}, "config key 'nats_url' must be one URL, or comma-separated URLs"),
@@ -43,17 +48,28 @@ def test_bad_settings_name_the_key(env: dict[str, str], message: str) -> None:
 def test_bad_toml(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("http_port = [1]\n")
-    with pytest.raises(ConfigError, match="config key 'http_port' .*must be an integer"):
+    with pytest.raises(ConfigError, match=r"config key 'http_port' .*must be an integer"):
         load_settings(config, env={})
     config.write_text("unknown_key = 1\n")
-    with pytest.raises(ConfigError, match="'unknown_key' .* is not a known setting"):
+    with pytest.raises(ConfigError, match=r"'unknown_key' .* is not a known setting"):
         load_settings(config, env={})
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml", env={})
 
 
 def test_event_parsing_accepts_the_contract() -> None:
-    event = parse_event({"id": "a", "type": "rate", "user_id": "u", "item_id": "i", "value": 4, "ts": "2024-01-02T03:04:05Z", "context": {"page": "home"}}, now=0)
+    event = parse_event(
+        {
+            "id": "a",
+            "type": "rate",
+            "user_id": "u",
+            "item_id": "i",
+            "value": 4,
+            "ts": "2024-01-02T03:04:05Z",
+            "context": {"page": "home"},
+        },
+        now=0,
+    )
     assert event.ts == 1704164645.0 and event.value == 4.0 and event.context == {"page": "home"}
     assert parse_event({"type": "view", "user_id": "u", "item_id": "i"}, now=123.0).ts == 123.0
     assert parse_event({"user_id": "u", "item_id": "i"}, now=0, event_type="skip").type == "skip"
@@ -99,6 +115,8 @@ def test_user_tokens_round_trip_and_are_subject_safe(user_id: str) -> None:
 
 
 def test_the_qdrant_api_key_comes_from_the_environment_and_is_never_printed() -> None:
-    settings = load_settings(env={"RECSYS_QDRANT_URL": "https://qdrant.example:6333", "RECSYS_QDRANT_API_KEY": "s3cret"})
+    settings = load_settings(
+        env={"RECSYS_QDRANT_URL": "https://qdrant.example:6333", "RECSYS_QDRANT_API_KEY": "s3cret"}
+    )
     assert settings.qdrant_url == "https://qdrant.example:6333" and settings.qdrant_api_key == "s3cret"
     assert "s3cret" not in repr(settings)

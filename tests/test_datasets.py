@@ -8,8 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent.cli import main
-from agent.datasets import DatasetError, convert, read_movielens_100k, read_movietweetings
+from agent.cli.main import main
+from agent.evaluation.datasets import DatasetError, convert, read_movielens_100k, read_movietweetings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MOVIETWEETINGS = FIXTURES / "movietweetings-mini"
@@ -47,7 +47,10 @@ def test_movietweetings_events_are_rate_events_in_replay_order(tmp_path: Path) -
     assert events[0] == {"type": "rate", "user_id": "2", "item_id": "0110912", "ts": 1364690142, "value": 10}
     # four ratings share ts 1364690142: by user as a number (2, 9, 10), then by item
     assert [(e["user_id"], e["item_id"]) for e in events[:4]] == [
-        ("2", "0110912"), ("2", "2171847"), ("9", "0004936"), ("10", "0002844"),
+        ("2", "0110912"),
+        ("2", "2171847"),
+        ("9", "0004936"),
+        ("10", "0002844"),
     ]
     assert events[3]["value"] == 0
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
@@ -91,10 +94,31 @@ def test_readers_return_wire_objects() -> None:
     ("fixture", "fmt", "file", "line_number", "bad_line", "expected"),
     [
         (MOVIETWEETINGS, "movietweetings", "ratings.dat", 3, "2::0110912::10", "expected 4 '::'-separated fields"),
-        (MOVIETWEETINGS, "movietweetings", "ratings.dat", 5, "9::0004936::five::1364690142", "rating must be an integer, got 'five'"),
-        (MOVIETWEETINGS, "movietweetings", "movies.dat", 2, "0004936::The Bank (1915)", "expected 3 '::'-separated fields"),
+        (
+            MOVIETWEETINGS,
+            "movietweetings",
+            "ratings.dat",
+            5,
+            "9::0004936::five::1364690142",
+            "rating must be an integer, got 'five'",
+        ),
+        (
+            MOVIETWEETINGS,
+            "movietweetings",
+            "movies.dat",
+            2,
+            "0004936::The Bank (1915)",
+            "expected 3 '::'-separated fields",
+        ),
         (MOVIELENS, "movielens", "u.data", 4, "196 3 5 881250950", "expected 4 tab-separated fields"),
-        (MOVIELENS, "movielens", "u.item", 3, "3|Four Rooms (1995)|01-Jan-1995||http://x|0|1", "expected 24 '|'-separated fields"),
+        (
+            MOVIELENS,
+            "movielens",
+            "u.item",
+            3,
+            "3|Four Rooms (1995)|01-Jan-1995||http://x|0|1",
+            "expected 24 '|'-separated fields",
+        ),
         (MOVIELENS, "movielens", "u.genre", 6, "Comedy|five", "genre index must be an integer"),
     ],
 )
@@ -119,7 +143,9 @@ def test_movietweetings_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
         convert("movietweetings", source, tmp_path / "out")
 
 
-def test_cli_converts_and_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_converts_and_reports_bad_input_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["dataset", "convert", "--format", "movielens", str(MOVIELENS), str(tmp_path / "ml")]) == 0
     assert "6 items, 8 events, 4 users" in capsys.readouterr().out
     assert (tmp_path / "ml" / "items.jsonl").exists() and (tmp_path / "ml" / "events.jsonl").exists()
@@ -131,5 +157,7 @@ def test_cli_converts_and_reports_bad_input_without_a_traceback(tmp_path: Path, 
     assert f"{source / 'u.data'}:1: expected 4 tab-separated fields" in err
     assert "Traceback" not in err
 
-    assert main(["dataset", "convert", "--format", "movietweetings", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert (
+        main(["dataset", "convert", "--format", "movietweetings", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    )
     assert "not a directory" in capsys.readouterr().err

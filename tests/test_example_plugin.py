@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_settings
-from agent.models import Event, Item
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
+from agent.hooks.manager import get_plugin_manager
+from agent.pipeline.pipeline import Pipeline
+from agent.wire.contract import Event, Item
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "recsys-staff-picks"
 
@@ -25,7 +25,10 @@ async def test_staff_picks_plugin_found_by_entry_point(tmp_path: Path, monkeypat
     (dist / "entry_points.txt").write_text("[recsys_agent]\n" + "".join(f"{k} = {v}\n" for k, v in declared.items()))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    settings = load_settings(env={}, overrides={"data_dir": str(tmp_path / "data"), "plugins": {"staff_picks": {"reason": "editor's choice"}}})
+    settings = load_settings(
+        env={},
+        overrides={"data_dir": str(tmp_path / "data"), "plugins": {"staff_picks": {"reason": "editor's choice"}}},
+    )
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     assert pipeline.pm.has_plugin("staff_picks")
     async with pipeline.running():

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.catalog import Catalog
-from agent.llm_client import (
+from agent.llm.chat_client import (
     PROFILE_SCHEMA,
     ChatClient,
     Dialect,
@@ -26,9 +25,10 @@ from agent.llm_client import (
     response_format,
     validate_profile,
 )
-from agent.models import Item
-from agent.prompts import BEGIN, END, HistoryEntry, build_messages, history_from_user, redact
-from agent.state import Interaction, UserState
+from agent.llm.prompts import BEGIN, END, HistoryEntry, build_messages, history_from_user, redact
+from agent.pipeline.catalog import Catalog
+from agent.pipeline.user_state import Interaction, UserState
+from agent.wire.contract import Item
 
 from .llm_server import free_port, serving
 
@@ -40,7 +40,10 @@ def test_dialects_ask_for_the_schema_the_way_each_server_wants() -> None:
         "type": "json_schema",
         "json_schema": {"name": "profile", "schema": PROFILE_SCHEMA, "strict": True},
     }
-    assert response_format(Dialect.JSON_OBJECT_SCHEMA, PROFILE_SCHEMA, "profile") == {"type": "json_object", "schema": PROFILE_SCHEMA}
+    assert response_format(Dialect.JSON_OBJECT_SCHEMA, PROFILE_SCHEMA, "profile") == {
+        "type": "json_object",
+        "schema": PROFILE_SCHEMA,
+    }
 
 
 @pytest.mark.parametrize(
@@ -104,7 +107,9 @@ class Replay:
         status, body = self.answers.popleft()
         if isinstance(body, bytes):
             return web.Response(status=status, body=body, content_type="application/json")
-        return web.Response(status=status, text=body if isinstance(body, str) else json.dumps(body), content_type="application/json")
+        return web.Response(
+            status=status, text=body if isinstance(body, str) else json.dumps(body), content_type="application/json"
+        )
 
 
 @pytest.fixture
@@ -117,12 +122,19 @@ async def replay() -> AsyncIterator[tuple[Replay, str]]:
 
 
 def completion(content: str, finish: str = "stop") -> dict[str, Any]:
-    return {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": finish}], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
+    return {
+        "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7},
+    }
 
 
 async def test_errors_are_classified_by_what_a_retry_could_fix(replay: tuple[Replay, str]) -> None:
     server, url = replay
-    llama_500 = {"error": {"message": "1 validation error: ('body', 'response_format', 'type') Input should be 'text' or 'json_object'"}}
+    llama_500 = {
+        "error": {
+            "message": "1 validation error: ('body', 'response_format', 'type') Input should be 'text' or 'json_object'"
+        }
+    }
     server.answers.extend(
         [
             (500, llama_500),
@@ -139,7 +151,9 @@ async def test_errors_are_classified_by_what_a_retry_could_fix(replay: tuple[Rep
         ]
     )
     async with ChatClient(url, "m", api_key="k3y", dialect=Dialect.OPENAI_JSON_SCHEMA) as client:
-        with pytest.raises(LLMRejected, match='dialect \'openai_json_schema\'.*dialect = "json_object_schema"') as rejected:
+        with pytest.raises(
+            LLMRejected, match=r'dialect \'openai_json_schema\'.*dialect = "json_object_schema"'
+        ) as rejected:
             await client.complete_json(MESSAGES, PROFILE_SCHEMA)
         assert not rejected.value.retryable
         for expected in (LLMUnavailable, LLMUnavailable, LLMRejected):
@@ -225,7 +239,15 @@ def test_the_user_id_is_masked_as_a_whole_word_only() -> None:
 
 def test_history_carries_titles_categories_and_event_types_only() -> None:
     catalog = Catalog()
-    catalog.upsert(Item(id="sku-991", title="Alien (1979)", text="SECRET DESCRIPTION", categories=("Horror", "Sci-Fi"), attributes={"seller": "x@y.z"}))
+    catalog.upsert(
+        Item(
+            id="sku-991",
+            title="Alien (1979)",
+            text="SECRET DESCRIPTION",
+            categories=("Horror", "Sci-Fi"),
+            attributes={"seller": "x@y.z"},
+        )
+    )
     catalog.upsert(Item(id="sku-992", title="Heat for alice.w (call 555-123-4567)", categories=("Crime",)))
     catalog.ensure_slot("unknown-item")  # an event named it, the catalog never described it
     user = UserState(user_id="alice.w", recent=deque(maxlen=10))

@@ -18,12 +18,12 @@ from aiohttp import web
 
 from agent.app import Agent
 from agent.config import Settings, load_settings
-from agent.llm_client import PROFILE_SCHEMA, ChatClient, Dialect, LLMOutputError, LLMRejected, validate_profile
-from agent.models import Event, Item
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
-from agent.prompts import HistoryEntry, build_messages
-from agent.summaries import PROFILE_KEY, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.hooks.manager import get_plugin_manager
+from agent.llm.chat_client import PROFILE_SCHEMA, ChatClient, Dialect, LLMOutputError, LLMRejected, validate_profile
+from agent.llm.prompts import HistoryEntry, build_messages
+from agent.llm.summaries import PROFILE_KEY, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.pipeline.pipeline import Pipeline
+from agent.wire.contract import Event, Item
 
 from .conftest import Client
 from .llm_server import MODEL_ALIAS, LlamaServer, llama_server, serving
@@ -43,9 +43,20 @@ SLOW_OK_S = 90.0
 
 
 @pytest.fixture(scope="session")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+def llama_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     with llama_server(tmp_path_factory.mktemp("llama")) as server:
         yield server
+
+
+@pytest.fixture
+def llama(llama_process: LlamaServer) -> Iterator[LlamaServer]:
+    """The shared server, checked around each test: a server that died is reported with its exit
+    status and log, instead of as the client's connection error."""
+    if (report := llama_process.death_report()) is not None:
+        pytest.fail(f"before this test: {report}")
+    yield llama_process
+    if (report := llama_process.death_report()) is not None:
+        pytest.fail(f"during this test: {report}")
 
 
 class RecordingProxy:
@@ -177,8 +188,13 @@ async def agent_pipeline(base_url: str, **options: Any) -> Pipeline:
     settings = load_settings(env={}, overrides={"load_entry_points": False, "disabled_plugins": "content"})
     settings.plugins = {
         "summariser": {
-            "base_url": base_url, "model": MODEL_ALIAS, "dialect": "json_object_schema",
-            "refresh_after_events": 3, "timeout_s": SLOW_OK_S, "history_items": 8, **options,
+            "base_url": base_url,
+            "model": MODEL_ALIAS,
+            "dialect": "json_object_schema",
+            "refresh_after_events": 3,
+            "timeout_s": SLOW_OK_S,
+            "history_items": 8,
+            **options,
         }
     }
     return Pipeline(settings, get_plugin_manager(settings))
@@ -220,7 +236,13 @@ async def test_what_leaves_the_process_has_no_personal_data(proxy: RecordingProx
     items = [
         Item(id="sku-1001", title="Gift card for alice.smith@example.com", categories=("Gifts",)),
         Item(id="sku-1002", title="Phone case - call +44 20 7946 0958", categories=("Accessories",)),
-        Item(id="sku-1003", title="Dune (2021)", text="private seller notes", categories=("Sci-Fi",), attributes={"owner": "bob@shop.example"}),
+        Item(
+            id="sku-1003",
+            title="Dune (2021)",
+            text="private seller notes",
+            categories=("Sci-Fi",),
+            attributes={"owner": "bob@shop.example"},
+        ),
     ]
     pipeline = await agent_pipeline(proxy.url, send_categories=True)
     plugin = pipeline.pm.get_plugin("summariser")
@@ -228,32 +250,62 @@ async def test_what_leaves_the_process_has_no_personal_data(proxy: RecordingProx
         await pipeline.upsert_items(items)
         for i, item in enumerate(("sku-1001", "sku-1002", "sku-1003")):
             context = {"note": "my number is 0612345678, write to alice.smith@example.com", "address": "1 Rue Secrète"}
-            event = Event(type="purchase", user_id=user_id, ts=plugin.clock(), id=f"order-{i}", item_id=item, value=42.5, context=context)
+            event = Event(
+                type="purchase",
+                user_id=user_id,
+                ts=plugin.clock(),
+                id=f"order-{i}",
+                item_id=item,
+                value=42.5,
+                context=context,
+            )
             await pipeline.apply_event(event)
         async with asyncio.timeout(SLOW_OK_S):
             while not proxy.bodies or pipeline.users.get(user_id).extras.get(PROFILE_KEY, {}).get("source") != "llm":  # type: ignore[union-attr]
                 await asyncio.sleep(0.05)
     sent = proxy.sent_text()
-    for secret in (user_id, "alice", "example.com", "7946", "0612345678", "Rue Secr", "order-", "sku-", "private seller", "bob@", "42.5"):
+    for secret in (
+        user_id,
+        "alice",
+        "example.com",
+        "7946",
+        "0612345678",
+        "Rue Secr",
+        "order-",
+        "sku-",
+        "private seller",
+        "bob@",
+        "42.5",
+    ):
         assert secret not in sent, f"{secret!r} left the process"
     assert "Dune (2021)" in sent and "Gift card for [redacted]" in sent and "purchased" in sent
 
 
-async def test_profile_in_pushes_and_http_with_the_real_model(settings: Settings, client: Client, llama: LlamaServer) -> None:
+async def test_profile_in_pushes_and_http_with_the_real_model(
+    settings: Settings, client: Client, llama: LlamaServer
+) -> None:
     settings.plugins = {
         "summariser": {
-            "base_url": llama.base_url, "model": MODEL_ALIAS, "dialect": "json_object_schema",
-            "refresh_after_events": 3, "timeout_s": SLOW_OK_S, "history_items": 8,
+            "base_url": llama.base_url,
+            "model": MODEL_ALIAS,
+            "dialect": "json_object_schema",
+            "refresh_after_events": 3,
+            "timeout_s": SLOW_OK_S,
+            "history_items": 8,
         }
     }
     movies = [
         {"id": f"tt{i}", "title": title, "categories": genres}
         for i, (title, genres) in enumerate(
             [
-                ("The Matrix (1999)", ["Action", "Sci-Fi"]), ("Alien (1979)", ["Horror", "Sci-Fi"]),
-                ("Blade Runner (1982)", ["Sci-Fi", "Thriller"]), ("Notting Hill (1999)", ["Comedy", "Romance"]),
-                ("Aliens (1986)", ["Action", "Sci-Fi"]), ("Heat (1995)", ["Crime", "Thriller"]),
-                ("Gattaca (1997)", ["Drama", "Sci-Fi"]), ("Amelie (2001)", ["Comedy", "Romance"]),
+                ("The Matrix (1999)", ["Action", "Sci-Fi"]),
+                ("Alien (1979)", ["Horror", "Sci-Fi"]),
+                ("Blade Runner (1982)", ["Sci-Fi", "Thriller"]),
+                ("Notting Hill (1999)", ["Comedy", "Romance"]),
+                ("Aliens (1986)", ["Action", "Sci-Fi"]),
+                ("Heat (1995)", ["Crime", "Thriller"]),
+                ("Gattaca (1997)", ["Drama", "Sci-Fi"]),
+                ("Amelie (2001)", ["Comedy", "Romance"]),
             ]
         )
     ]
@@ -262,7 +314,13 @@ async def test_profile_in_pushes_and_http_with_the_real_model(settings: Settings
         await client.wait_for(lambda: agent.pipeline.catalog.active_count() == len(movies))
         for i, item in enumerate(("tt0", "tt1", "tt2")):
             await client.publish_event({"id": f"z{i}", "type": "view", "user_id": "zoe", "item_id": item})
-        await client.wait_for(lambda: (agent.pipeline.users.get("zoe") is not None and agent.pipeline.users.get("zoe").extras.get(PROFILE_KEY, {}).get("source") == "llm"), timeout=SLOW_OK_S)  # type: ignore[union-attr]
+        await client.wait_for(
+            lambda: (
+                agent.pipeline.users.get("zoe") is not None
+                and agent.pipeline.users.get("zoe").extras.get(PROFILE_KEY, {}).get("source") == "llm"
+            ),
+            timeout=SLOW_OK_S,
+        )  # type: ignore[union-attr]
         # the next event's push carries the LLM profile
         await client.publish_event({"id": "z3", "type": "view", "user_id": "zoe", "item_id": "tt4"})
         await client.wait_for(lambda: "z3" in client.reflected_event_ids())

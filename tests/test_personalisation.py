@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 
 from agent.app import Agent
-from agent.catalog import Catalog
 from agent.config import Settings, load_settings
 from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.item_neighbours import ItemNeighbours
-from agent.item_vectors import ItemVectors
-from agent.metrics import Metrics
-from agent.models import Event, InvalidMessage, Item
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
-from agent.ranking import Candidates, Query, Scored
-from agent.state import UserState, UserStore
+from agent.hooks.manager import get_plugin_manager
+from agent.hooks.specs import hookimpl
+from agent.pipeline.catalog import Catalog
+from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.user_state import UserState, UserStore
+from agent.pipeline.values import Candidates, Query, Scored
+from agent.serving.metrics import Metrics
+from agent.vectors.item_neighbours import ItemNeighbours
+from agent.vectors.item_vectors import ItemVectors
+from agent.wire.contract import Event, InvalidMessage, Item
 from plugins.content import PROFILE_VECTOR, ProfileVector, Taste
 from plugins.fusion import LearnedFusion
 from plugins.rerankers import Diversity, category_jaccard
@@ -36,17 +36,29 @@ FILMS = [
     Item("sw", "Star Wars", "A farm boy joins rebels against a galactic empire", ("Sci-Fi", "Adventure")),
     Item("alien", "Alien", "The crew of a spaceship meets a deadly creature", ("Sci-Fi", "Horror")),
     Item("trek", "Star Trek", "A starship crew explores strange new worlds in space", ("Sci-Fi",)),
-    Item("interstellar", "Interstellar", "Astronauts travel through a wormhole to find a new planet", ("Sci-Fi", "Drama")),
+    Item(
+        "interstellar", "Interstellar", "Astronauts travel through a wormhole to find a new planet", ("Sci-Fi", "Drama")
+    ),
     Item("dune", "Dune", "A noble family fights for a desert planet and its spice", ("Sci-Fi", "Adventure")),
     Item("notting", "Notting Hill", "A bookshop owner falls in love with a film star", ("Romance", "Comedy")),
     Item("pretty", "Pretty Woman", "A businessman falls for a woman in Los Angeles", ("Romance", "Comedy")),
     Item("love", "Love Actually", "Interwoven love stories at Christmas in London", ("Romance", "Comedy")),
     Item("notebook", "The Notebook", "A poor young man and a rich young woman fall in love", ("Romance", "Drama")),
-    Item("harry", "When Harry Met Sally", "Two friends wonder whether men and women can be friends", ("Romance", "Comedy")),
+    Item(
+        "harry",
+        "When Harry Met Sally",
+        "Two friends wonder whether men and women can be friends",
+        ("Romance", "Comedy"),
+    ),
     Item("matrix", "The Matrix", "A hacker learns that reality is a simulation run by machines", ("Sci-Fi", "Action")),
     Item("blade", "Blade Runner", "A detective hunts escaped androids in a future city", ("Sci-Fi", "Thriller")),
     Item("martian", "The Martian", "An astronaut stranded on Mars must survive alone", ("Sci-Fi", "Drama")),
-    Item("sleepless", "Sleepless in Seattle", "A widower's son calls a radio show to find him a new love", ("Romance", "Comedy")),
+    Item(
+        "sleepless",
+        "Sleepless in Seattle",
+        "A widower's son calls a radio show to find him a new love",
+        ("Romance", "Comedy"),
+    ),
 ]
 SCIFI = {"sw", "alien", "trek", "interstellar", "dune", "matrix", "blade", "martian"}
 
@@ -56,7 +68,9 @@ def offline(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def pipeline_on(tmp_path: Path, *extra: tuple[str, Any], items: list[Item] = FILMS, **overrides: Any) -> AsyncIterator[Pipeline]:
+async def pipeline_on(
+    tmp_path: Path, *extra: tuple[str, Any], items: list[Item] = FILMS, **overrides: Any
+) -> AsyncIterator[Pipeline]:
     settings = offline(tmp_path, **overrides)
     pipeline = Pipeline(settings, get_plugin_manager(settings, extra))
     clock = [1_700_000_000.0]
@@ -103,7 +117,9 @@ async def test_content_source_follows_the_users_taste_with_reasons(tmp_path: Pat
         assert isinstance(taste, Taste) and len(taste.positives) == 2, "a dislike is not a reason to recommend"
 
 
-async def test_unchanged_items_are_not_embedded_again_even_after_a_restart(tmp_path: Path, embed_calls: list[int]) -> None:
+async def test_unchanged_items_are_not_embedded_again_even_after_a_restart(
+    tmp_path: Path, embed_calls: list[int]
+) -> None:
     calls = embed_calls
     async with pipeline_on(tmp_path) as pipeline:
         assert sum(calls) == len(FILMS)
@@ -159,7 +175,11 @@ async def test_an_llm_profile_becomes_a_query_held_with_the_user(tmp_path: Path)
     async with pipeline_on(tmp_path) as pipeline:
         await pipeline.apply_event(ev(0, "cy", "notting"))
         user = pipeline.users.get("cy")
-        user.extras["profile"] = {"source": "llm", "summary": "Loves space exploration films", "interests": ["astronauts", "planets"]}
+        user.extras["profile"] = {
+            "source": "llm",
+            "summary": "Loves space exploration films",
+            "interests": ["astronauts", "planets"],
+        }
         assert "profile" not in await sources_for(pipeline, "cy"), "embedded off the hot path, not while ranking"
         content = pipeline.pm.get_plugin("content")
         for task in list(content._tasks):
@@ -301,7 +321,9 @@ async def test_rerankers_filter_diversify_and_exclude(tmp_path: Path) -> None:
         for n, item in enumerate(["sw", "notting"]):
             await pipeline.apply_event(ev(n, "cy", item))
         recs = await pipeline.recommend("cy", 4, categories=("Romance",))
-        assert recs.items and all("Romance" in pipeline.catalog.item(pipeline.catalog.slot(i.item_id)).categories for i in recs.items)  # type: ignore[union-attr]
+        assert recs.items and all(
+            "Romance" in pipeline.catalog.item(pipeline.catalog.slot(i.item_id)).categories for i in recs.items
+        )  # type: ignore[union-attr]
         assert "notting" not in [i.item_id for i in recs.items]
         recs = await pipeline.recommend("cy", 4, exclude=("trek",))
         shown = [i.item_id for i in recs.items]
@@ -313,22 +335,29 @@ async def test_rerankers_filter_diversify_and_exclude(tmp_path: Path) -> None:
 
 def test_category_similarity_is_the_jaccard_of_category_sets() -> None:
     catalog = Catalog()
-    items = [Item("a", "A", categories=("X", "Y")), Item("b", "B", categories=("Y", "Z")),
-             Item("c", "C", categories=("Y", "X", "X")), Item("d", "D"), Item("e", "E", categories=("Z",)),
-             Item("gone", "Gone", categories=("X",))]
+    items = [
+        Item("a", "A", categories=("X", "Y")),
+        Item("b", "B", categories=("Y", "Z")),
+        Item("c", "C", categories=("Y", "X", "X")),
+        Item("d", "D"),
+        Item("e", "E", categories=("Z",)),
+        Item("gone", "Gone", categories=("X",)),
+    ]
     slots = [catalog.upsert(item)[0] for item in items]
     catalog.delete("gone")
     # by hand: |shared| / |union|; c names X twice (one category), d has none, a deleted item
     # counts as none, and an item is not compared with itself
     third, half = 1 / 3, 1 / 2
-    expected = np.array([
-        [0, third, 1, 0, 0, 0],
-        [third, 0, third, 0, half, 0],
-        [1, third, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0],
-        [0, half, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0],
-    ])
+    expected = np.array(
+        [
+            [0, third, 1, 0, 0, 0],
+            [third, 0, third, 0, half, 0],
+            [1, third, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0],
+            [0, half, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0],
+        ]
+    )
     np.testing.assert_array_equal(category_jaccard(catalog, slots), expected)
     assert category_jaccard(catalog, []).shape == (0, 0)
 
@@ -336,7 +365,10 @@ def test_category_similarity_is_the_jaccard_of_category_sets() -> None:
 def test_diversity_uses_cosines_only_when_every_item_has_a_vector(tmp_path: Path) -> None:
     # a and c share their categories but not their direction; a and b the other way round
     catalog = Catalog()
-    a, c, b = (catalog.upsert(Item(i, i.upper(), categories=cats))[0] for i, cats in (("a", ("X",)), ("c", ("X",)), ("b", ("Z",))))
+    a, c, b = (
+        catalog.upsert(Item(i, i.upper(), categories=cats))[0]
+        for i, cats in (("a", ("X",)), ("c", ("X",)), ("b", ("Z",)))
+    )
     vectors = ItemVectors(2)
     vectors.set([a, c, b], np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32), ["ha", "hc", "hb"])
     ctx = AgentContext(settings=offline(tmp_path), catalog=catalog, users=UserStore(10, 10), metrics=Metrics())
@@ -361,7 +393,7 @@ def test_diversity_uses_cosines_only_when_every_item_has_a_vector(tmp_path: Path
 
 
 async def test_cross_encoder_rescoring_runs_on_a_real_model(tmp_path: Path) -> None:
-    from agent.embeddings import default_model_path
+    from agent.vectors.embeddings import default_model_path
 
     # The bundled MiniLM loads as a CrossEncoder with a fresh scoring head: enough to check the
     # plumbing (thread, timeout, blend), not the quality of its order.
@@ -381,7 +413,12 @@ async def test_cross_encoder_rescoring_runs_on_a_real_model(tmp_path: Path) -> N
         assert len(recs.items) == 5
         assert scored == [5], "the real model scored the head of the list once"
         for kind in ("error", "timeout"):
-            assert pipeline.metrics.value("recsys_plugin_failures_total", plugin="cross_encoder", hook="recsys_rerank", kind=kind) == 0
+            assert (
+                pipeline.metrics.value(
+                    "recsys_plugin_failures_total", plugin="cross_encoder", hook="recsys_rerank", kind=kind
+                )
+                == 0
+            )
 
         # one prediction at a time: lists asked for meanwhile keep the fused order
         release = threading.Event()
@@ -475,9 +512,13 @@ async def test_pushes_shift_toward_the_genre_a_user_engages_with(settings: Setti
         await agent.pipeline.settle()
         # the crowd makes the romances popular
         for n in range(20):
-            await client.publish_event({"id": f"c{n}", "type": "view", "user_id": f"crowd{n}", "item_id": ["notting", "pretty", "love"][n % 3]})
+            await client.publish_event(
+                {"id": f"c{n}", "type": "view", "user_id": f"crowd{n}", "item_id": ["notting", "pretty", "love"][n % 3]}
+            )
         # the fan starts like the crowd, then engages with science fiction only
-        for n, (kind, item) in enumerate([("view", "harry"), ("purchase", "trek"), ("purchase", "interstellar"), ("like", "dune")]):
+        for n, (kind, item) in enumerate(
+            [("view", "harry"), ("purchase", "trek"), ("purchase", "interstellar"), ("like", "dune")]
+        ):
             await client.publish_event({"id": f"fan{n}", "type": kind, "user_id": "fan", "item_id": item})
             await client.wait_for(lambda n=n: f"fan{n}" in client.reflected_event_ids())
             push = next(p for p in client.pushes if p.get("event_id") == f"fan{n}")
@@ -525,11 +566,15 @@ async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settin
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"search": "fast"}, "search must be one of scan, neighbours, not 'fast'"),
-     ({"search": "neighbours", "neighbours": "32"}, "neighbours must be a whole number of at least 1, not '32'"),
-     ({"neighbours": 0}, "neighbours must be a whole number of at least 1, not 0")],
+    [
+        ({"search": "fast"}, "search must be one of scan, neighbours, not 'fast'"),
+        ({"search": "neighbours", "neighbours": "32"}, "neighbours must be a whole number of at least 1, not '32'"),
+        ({"neighbours": 0}, "neighbours must be a whole number of at least 1, not 0"),
+    ],
 )
-async def test_bad_content_options_stop_the_start_with_their_names(tmp_path: Path, options: dict[str, Any], message: str) -> None:
+async def test_bad_content_options_stop_the_start_with_their_names(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         async with pipeline_on(tmp_path, plugins={"content": options}):
             pass  # entering is the test

@@ -5,22 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from agent import hookspecs, pushes
 from agent.app import Agent
 from agent.config import Settings, load_settings
-from agent.hookspecs import hookimpl
-from agent.models import Event, Item
-from agent.pipeline import ApplyOutcome, Pipeline
-from agent.plugin_manager import BUILTIN_PLUGINS, get_plugin_manager
-from agent.ranking import Candidates, Query, Scored
+from agent.hooks import specs as hookspecs
+from agent.hooks.manager import BUILTIN_PLUGINS, get_plugin_manager
+from agent.hooks.specs import hookimpl
+from agent.pipeline import push_scheduler as pushes
+from agent.pipeline.pipeline import ApplyOutcome, Pipeline
+from agent.pipeline.values import Candidates, Query, Scored
+from agent.wire.contract import Event, Item
 
 from .conftest import Client, catalog
 
@@ -72,12 +73,16 @@ class BoostSource:
 
     @hookimpl
     def recsys_candidates(self, query: Query) -> Candidates:
-        return Candidates(source="boost", slots=np.array([query.catalog.slot("item-29")]), scores=np.array([1.0]), reasons="boosted")
+        return Candidates(
+            source="boost", slots=np.array([query.catalog.slot("item-29")]), scores=np.array([1.0]), reasons="boosted"
+        )
 
 
 async def test_third_party_source_is_fused_with_its_reason(tmp_path: Path) -> None:
     # a configured weight puts the third-party source ahead of the built-in ones
-    async with running_pipeline(tmp_path, ("boost", BoostSource()), plugins={"fusion": {"weights": {"boost": 10.0}}}) as pipeline:
+    async with running_pipeline(
+        tmp_path, ("boost", BoostSource()), plugins={"fusion": {"weights": {"boost": 10.0}}}
+    ) as pipeline:
         await pipeline.apply_event(event(1, item="item-3"))
         recs = await pipeline.recommend("u1", 5)
     top = recs.items[0]
@@ -135,7 +140,9 @@ async def test_an_event_that_failed_to_apply_is_applied_by_its_redelivery(tmp_pa
         assert await pipeline.apply_event(event(1), seq=7) is ApplyOutcome.REDELIVERY
 
 
-async def test_a_stop_reports_the_pushes_it_could_not_send(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_stop_reports_the_pushes_it_could_not_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     class SlowPublisher:
         @hookimpl
         def recsys_publish(self) -> Any:
@@ -157,7 +164,10 @@ async def test_slow_async_plugin_is_cut_off_at_the_stage_timeout(tmp_path: Path)
         recs = await pipeline.recommend("u1")
         elapsed = time.perf_counter() - started
     assert len(recs.items) == 10 and elapsed < 5
-    assert pipeline.metrics.value("recsys_plugin_failures_total", plugin="slow", hook="recsys_candidates", kind="timeout") == 1
+    assert (
+        pipeline.metrics.value("recsys_plugin_failures_total", plugin="slow", hook="recsys_candidates", kind="timeout")
+        == 1
+    )
 
 
 async def test_broken_and_slow_plugins_over_nats_do_not_stop_pushes(settings: Settings, client: Client) -> None:
@@ -207,7 +217,9 @@ def test_every_hook_is_documented_with_its_semantics() -> None:
         assert any(word in doc for word in ("All implementations", "first answer wins", "a chain", "(a chain)")), name
 
 
-def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_entry_point_plugins_load_and_a_broken_one_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     dist = tmp_path / "thirdparty-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty\nVersion: 0.1\n")
@@ -216,7 +228,7 @@ def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, mo
         "misspelt = thirdparty_plugin:Misspelt\n"
     )
     (tmp_path / "thirdparty_plugin.py").write_text(
-        "from agent.hookspecs import hookimpl\n"
+        "from agent import hookimpl\n"
         "class Plugin:\n"
         "    @hookimpl\n"
         "    def recsys_forget_user(self, user_id):\n"
@@ -228,11 +240,15 @@ def test_entry_point_plugins_load_and_a_broken_one_is_skipped(tmp_path: Path, mo
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     with caplog.at_level(logging.WARNING):
-        pm = get_plugin_manager(load_settings(env={}, overrides={"disabled_plugins": ["contnet"], "plugins": {"summarizer": {}}}))
+        pm = get_plugin_manager(
+            load_settings(env={}, overrides={"disabled_plugins": ["contnet"], "plugins": {"summarizer": {}}})
+        )
     assert pm.has_plugin("good") and not pm.has_plugin("bad") and not pm.has_plugin("misspelt")
     assert pm.has_plugin("content"), "a misspelt name disables nothing"
     assert "misspelt" in caplog.text and "recsys_candidate" in caplog.text
-    assert "disabled_plugins names 'contnet'" in caplog.text and "[plugins.summarizer] configures no plugin" in caplog.text
+    assert (
+        "disabled_plugins names 'contnet'" in caplog.text and "[plugins.summarizer] configures no plugin" in caplog.text
+    )
 
 
 class Settling:

@@ -11,18 +11,18 @@ import numpy as np
 import orjson
 import pytest
 
-from agent.baselines import DAY_S, ItemKNN, Popularity, rank_of
-from agent.cli import build_parser, extra_commands, main
-from agent.cli_settings import settings_from_args
+from agent.cli.main import build_parser, extra_commands, main
+from agent.cli.settings_flags import settings_from_args
 from agent.config import load_settings
-from agent import replay as replay_module
-from agent.datasets import DatasetError
-from agent.hookspecs import hookimpl
-from agent.models import Event, Item
-from agent.pipeline import Pipeline
-from agent.plugin_manager import BUILTIN_PLUGINS, get_plugin_manager
-from agent.ranking import Candidates, Query, Scored
-from agent.replay import ReplayOptions, load_events, replay, select_events
+from agent.evaluation import replay as replay_module
+from agent.evaluation.baselines import DAY_S, ItemKNN, Popularity, rank_of
+from agent.evaluation.datasets import DatasetError
+from agent.evaluation.replay import ReplayOptions, load_events, replay, select_events
+from agent.hooks.manager import BUILTIN_PLUGINS, get_plugin_manager
+from agent.hooks.specs import hookimpl
+from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.values import Candidates, Query, Scored
+from agent.wire.contract import Event, Item
 
 FIXTURES = Path(__file__).parent / "fixtures"
 G2 = 1 / math.log2(3)  # NDCG gain at rank 2
@@ -31,8 +31,14 @@ ITEMS = [Item(id=name, title=f"Item {name}") for name in "ABCDE"]  # catalog ord
 
 
 def ev(day: float, user: str, item: str, kind: str = "rate", **context: Any) -> Event:
-    return Event(type=kind, user_id=user, item_id=item, ts=1_000_000.0 + day * DAY_S,
-                 value=8.0 if kind == "rate" else None, context=context)
+    return Event(
+        type=kind,
+        user_id=user,
+        item_id=item,
+        ts=1_000_000.0 + day * DAY_S,
+        value=8.0 if kind == "rate" else None,
+        context=context,
+    )
 
 
 # The hand-checked stream (k = 2, decayed popularity half-life 1 day). Ranks of the true item
@@ -56,9 +62,18 @@ def ev(day: float, user: str, item: str, kind: str = "rate", **context: Any) -> 
 # decayed:    gains 1, 1, 0, 1   -> hit rate 3/4, NDCG 3/4
 # item-kNN:   gains 1, G2, 0, 0  -> hit rate 2/4, NDCG (1 + G2) / 4
 STREAM = [
-    ev(0, "u1", "A"), ev(0, "u2", "A"), ev(0, "u3", "B"), ev(1, "u1", "B"), ev(2, "u4", "C"),
-    ev(3, "u2", "C"), ev(3, "u3", "E"), ev(4, "u3", "D", reject=True), ev(4, "u1", "A"),
-    ev(4, "u4", "D", kind="dislike"), ev(5, "u5", "A"), ev(5, "u2", "E"),
+    ev(0, "u1", "A"),
+    ev(0, "u2", "A"),
+    ev(0, "u3", "B"),
+    ev(1, "u1", "B"),
+    ev(2, "u4", "C"),
+    ev(3, "u2", "C"),
+    ev(3, "u3", "E"),
+    ev(4, "u3", "D", reject=True),
+    ev(4, "u1", "A"),
+    ev(4, "u4", "D", kind="dislike"),
+    ev(5, "u5", "A"),
+    ev(5, "u2", "E"),
 ]
 EXPECTED = {
     "popularity": (3 / 4, (1 + 2 * G2) / 4),
@@ -117,39 +132,69 @@ class SumFusion:
         return sorted(merged.values(), key=lambda s: -s.score)
 
 
-async def run_stream(tmp_path: Path, plugins: list[tuple[str, Any]], disabled: list[str], events: list[Event] = STREAM, **options: Any) -> Any:
-    settings = load_settings(env={}, overrides={
-        "load_entry_points": False, "data_dir": str(tmp_path), "disabled_plugins": disabled,
-    })
+async def run_stream(
+    tmp_path: Path, plugins: list[tuple[str, Any]], disabled: list[str], events: list[Event] = STREAM, **options: Any
+) -> Any:
+    settings = load_settings(
+        env={},
+        overrides={
+            "load_entry_points": False,
+            "data_dir": str(tmp_path),
+            "disabled_plugins": disabled,
+        },
+    )
     pipeline = Pipeline(settings, get_plugin_manager(settings, plugins))
     async with pipeline.running():
         return await replay(pipeline, ITEMS, events, ReplayOptions(progress=False, **options))
 
 
 async def test_baselines_and_a_known_pipeline_match_the_hand_computed_metrics(tmp_path: Path) -> None:
-    plugins = [("reject_marked", RejectMarked()), ("count", CountSource()), ("always_e", AlwaysE()), ("sum", SumFusion())]
-    result = await run_stream(tmp_path, plugins, disabled=list(BUILTIN_PLUGINS), k=2, half_life_s=DAY_S, knn_similarity="count")
+    plugins = [
+        ("reject_marked", RejectMarked()),
+        ("count", CountSource()),
+        ("always_e", AlwaysE()),
+        ("sum", SumFusion()),
+    ]
+    result = await run_stream(
+        tmp_path, plugins, disabled=list(BUILTIN_PLUGINS), k=2, half_life_s=DAY_S, knn_similarity="count"
+    )
     report = result.report()
 
     assert report["events"] == 12
     assert report["evaluated"] == 4
-    assert report["counts"] == {"applied": 11, "rejected": 1, "duplicates": 0, "no_history": 5, "repeats": 1,
-                                "negative_feedback": 1, "not_in_catalog": 0}
+    assert report["counts"] == {
+        "applied": 11,
+        "rejected": 1,
+        "duplicates": 0,
+        "no_history": 5,
+        "repeats": 1,
+        "negative_feedback": 1,
+        "not_in_catalog": 0,
+    }
     for name, (hit_rate, ndcg) in EXPECTED.items():
         assert report["baselines"][name] == {"hit_rate@2": pytest.approx(hit_rate), "ndcg@2": pytest.approx(ndcg)}, name
     # the pipeline's only ranking source is popularity in disguise
     assert report["metrics"] == {"hit_rate@2": pytest.approx(3 / 4), "ndcg@2": pytest.approx((1 + 2 * G2) / 4)}
     # three hits (B, C, E); always_e proposed only E
-    assert report["sources"] == {"always_e": {"share_of_hits": pytest.approx(1 / 3), "hits": 1},
-                                 "count": {"share_of_hits": 1.0, "hits": 3}}
+    assert report["sources"] == {
+        "always_e": {"share_of_hits": pytest.approx(1 / 3), "hits": 1},
+        "count": {"share_of_hits": 1.0, "hits": 3},
+    }
     assert report["latency_ms"]["p50"] > 0 and report["latency_ms"]["p99"] >= report["latency_ms"]["p50"]
     assert report["events_per_s"] > 0
     assert len(result.latency_ms) == 4
 
 
 async def test_baselines_in_a_second_process_score_the_same(tmp_path: Path) -> None:
-    result = await run_stream(tmp_path, [("reject_marked", RejectMarked())], disabled=list(BUILTIN_PLUGINS),
-                              k=2, half_life_s=DAY_S, knn_similarity="count", baselines_process=True)
+    result = await run_stream(
+        tmp_path,
+        [("reject_marked", RejectMarked())],
+        disabled=list(BUILTIN_PLUGINS),
+        k=2,
+        half_life_s=DAY_S,
+        knn_similarity="count",
+        baselines_process=True,
+    )
     report = result.report()
     for name, (hit_rate, ndcg) in EXPECTED.items():
         assert report["baselines"][name] == {"hit_rate@2": pytest.approx(hit_rate), "ndcg@2": pytest.approx(ndcg)}, name
@@ -159,11 +204,19 @@ async def test_baselines_in_a_second_process_score_the_same(tmp_path: Path) -> N
 async def test_cosine_item_knn_and_k_other_than_ten(tmp_path: Path) -> None:
     # With one window item cosine only rescales columns by 1/sqrt(n_j); in #12 B still leads
     # (B2 -> 2/(sqrt3*sqrt2) > 0) and D, E stay at 0, so the ranks are those of the table.
-    result = await run_stream(tmp_path, [("reject_marked", RejectMarked())], disabled=list(BUILTIN_PLUGINS),
-                              k=3, half_life_s=DAY_S, baselines=("item_knn",))
+    result = await run_stream(
+        tmp_path,
+        [("reject_marked", RejectMarked())],
+        disabled=list(BUILTIN_PLUGINS),
+        k=3,
+        half_life_s=DAY_S,
+        baselines=("item_knn",),
+    )
     report = result.report()
     # k = 3: gains 1, G2, 0 (rank 4), 1/log2(4) = 0.5 (rank 3)
-    assert report["baselines"] == {"item_knn": {"hit_rate@3": pytest.approx(3 / 4), "ndcg@3": pytest.approx((1 + G2 + 0.5) / 4)}}
+    assert report["baselines"] == {
+        "item_knn": {"hit_rate@3": pytest.approx(3 / 4), "ndcg@3": pytest.approx((1 + G2 + 0.5) / 4)}
+    }
     # no source at all: the pipeline recommends nothing and misses everything
     assert report["metrics"] == {"hit_rate@3": 0.0, "ndcg@3": 0.0}
     assert report["sources"] == {}
@@ -197,11 +250,13 @@ def test_item_knn_counts_cooccurrence_within_the_window_only() -> None:
 async def test_the_live_plugin_set_replays_a_converted_dataset(tmp_path: Path) -> None:
     # The agent's own plugins (the embedding source aside: it loads a model, too slow for a
     # unit test). The figures depend on the plugins; the harness must hold whatever they are.
-    from agent.datasets import convert, read_items
+    from agent.evaluation.datasets import convert, read_items
 
     convert("movielens", FIXTURES / "movielens-100k-mini", tmp_path / "ml")
     items, events = read_items(tmp_path / "ml" / "items.jsonl"), load_events(tmp_path / "ml" / "events.jsonl")
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "data_dir": str(tmp_path), "disabled_plugins": ["content"]})
+    settings = load_settings(
+        env={}, overrides={"load_entry_points": False, "data_dir": str(tmp_path), "disabled_plugins": ["content"]}
+    )
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     async with pipeline.running():
         report = (await replay(pipeline, items, events, ReplayOptions(progress=False))).report()
@@ -226,7 +281,9 @@ def test_select_events_samples_users_stably_then_limits() -> None:
 
 def test_bad_event_lines_name_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    path.write_bytes(b'{"type": "rate", "user_id": "1", "item_id": "A", "ts": 5, "value": 3}\n\n{"type": "rate", "user_id"\n')
+    path.write_bytes(
+        b'{"type": "rate", "user_id": "1", "item_id": "A", "ts": 5, "value": 3}\n\n{"type": "rate", "user_id"\n'
+    )
     with pytest.raises(DatasetError, match=rf"{path}:3: invalid JSON"):
         load_events(path)
     path.write_bytes(b'{"type": "rate", "user_id": "1", "item_id": "A", "ts": 5}\n')
@@ -237,16 +294,36 @@ def test_bad_event_lines_name_file_and_line(tmp_path: Path) -> None:
         load_events(path)
 
 
-def test_replay_command_writes_report_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_command_writes_report_and_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in [n for n in __import__("os").environ if n.startswith("RECSYS_")]:
         monkeypatch.delenv(name)
-    assert main(["dataset", "convert", "--format", "movietweetings", str(FIXTURES / "movietweetings-mini"), str(tmp_path)]) == 0
+    assert (
+        main(["dataset", "convert", "--format", "movietweetings", str(FIXTURES / "movietweetings-mini"), str(tmp_path)])
+        == 0
+    )
     config = tmp_path / "replay.toml"
     config.write_text('disabled_plugins = ["content"]\nload_entry_points = false\n')
     report_path, plot_path = tmp_path / "out" / "report.json", tmp_path / "out" / "report.png"
-    code = main(["replay", "--items", str(tmp_path / "items.jsonl"), "--events", str(tmp_path / "events.jsonl"),
-                 "--k", "5", "--report", str(report_path), "--plot", str(plot_path), "--config", str(config),
-                 "--no-progress"])
+    code = main(
+        [
+            "replay",
+            "--items",
+            str(tmp_path / "items.jsonl"),
+            "--events",
+            str(tmp_path / "events.jsonl"),
+            "--k",
+            "5",
+            "--report",
+            str(report_path),
+            "--plot",
+            str(plot_path),
+            "--config",
+            str(config),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "| pipeline |" in out and "| decayed_popularity |" in out and "events/s" in out
@@ -259,7 +336,9 @@ def test_replay_command_writes_report_and_plot(tmp_path: Path, capsys: pytest.Ca
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_replay_command_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_command_reports_bad_input_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     items = tmp_path / "items.jsonl"
     items.write_bytes(b'{"id": "A", "title": "A"}\n{"id": "B"}\n')
     events = tmp_path / "events.jsonl"
@@ -275,25 +354,43 @@ def test_replay_command_reports_bad_input_without_a_traceback(tmp_path: Path, ca
     items.write_bytes(b'{"id": "A", "title": "A"}\n')
     config = tmp_path / "plain.toml"
     config.write_text('disabled_plugins = ["content"]\nload_entry_points = false\n')
-    assert main(["replay", "--items", str(items), "--events", str(events), "--config", str(config), "--no-progress"]) == 0
+    assert (
+        main(["replay", "--items", str(items), "--events", str(events), "--config", str(config), "--no-progress"]) == 0
+    )
     capsys.readouterr()
 
 
-def test_a_replay_whose_stage_cannot_start_stops_instead_of_scoring_less(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_replay_whose_stage_cannot_start_stops_instead_of_scoring_less(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     items = tmp_path / "items.jsonl"
     items.write_bytes(b'{"id": "A", "title": "A"}\n{"id": "B", "title": "B"}\n')
     events = tmp_path / "events.jsonl"
     events.write_bytes(b'{"type": "view", "user_id": "1", "item_id": "A", "ts": 1}\n')
     config = tmp_path / "replay.toml"
-    config.write_text('load_entry_points = false\n')
+    config.write_text("load_entry_points = false\n")
     # a model that is not installed here: content retrieval cannot start
-    code = main(["replay", "--items", str(items), "--events", str(events), "--config", str(config),
-                 "--embedding-model", "no-such-org/no-such-model", "--no-progress"])
+    code = main(
+        [
+            "replay",
+            "--items",
+            str(items),
+            "--events",
+            str(events),
+            "--config",
+            str(config),
+            "--embedding-model",
+            "no-such-org/no-such-model",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "content retrieval could not start" in err and "Traceback" not in err
 
 
-def test_item_knn_too_large_is_refused_before_the_catalog_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_item_knn_too_large_is_refused_before_the_catalog_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ItemKNN, "MAX_MATRIX_BYTES", 4 * 2 * 2)
     items = tmp_path / "items.jsonl"
     items.write_bytes(b'{"id": "A", "title": "A"}\n{"id": "B", "title": "B"}\n{"id": "C", "title": "C"}\n')
@@ -305,7 +402,9 @@ def test_item_knn_too_large_is_refused_before_the_catalog_loads(tmp_path: Path, 
     assert "item_knn needs" in capsys.readouterr().err and not loaded
 
 
-def test_replay_takes_the_pipeline_settings_but_not_the_agent_data_dir_or_log_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_takes_the_pipeline_settings_but_not_the_agent_data_dir_or_log_level(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     parser = build_parser(extra_commands())
     files = ["replay", "--items", "items.jsonl", "--events", "events.jsonl"]
     monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path / "agent"))
@@ -326,7 +425,7 @@ def test_replay_takes_the_pipeline_settings_but_not_the_agent_data_dir_or_log_le
 def test_profile_charges_library_time_to_the_project_function_that_called_it() -> None:
     from types import SimpleNamespace
 
-    from agent.replay import time_by_module
+    from agent.evaluation.replay import time_by_module
 
     rank = ("/src/agent/baselines.py", 26, "rank_of")
     fuse = ("/src/plugins/fusion.py", 138, "recsys_fuse")
@@ -353,7 +452,7 @@ def test_profile_charges_library_time_to_the_project_function_that_called_it() -
 
 
 def test_the_shortcut_for_popularity_misses_changes_no_rank(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.baselines import APPLIED, EVALUATED, BaselineConfig, BaselineEvaluator, StreamArrays
+    from agent.evaluation.baselines import APPLIED, EVALUATED, BaselineConfig, BaselineEvaluator, StreamArrays
 
     rng = np.random.default_rng(7)
     n_events, n_items = 4_000, 300
@@ -387,7 +486,7 @@ def test_the_shortcut_for_popularity_misses_changes_no_rank(monkeypatch: pytest.
 
 
 def evaluator_rescaled(config: Any, stream: Any) -> bool:
-    from agent.baselines import DecayedPopularity
+    from agent.evaluation.baselines import DecayedPopularity
 
     decayed = DecayedPopularity(config.n_items, config.half_life_s)
     for item, ts in zip(stream.items.tolist(), stream.ts.tolist()):

@@ -14,13 +14,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from agent.config import ConfigError, load_settings
-from agent.llm_client import LLMOutputError, LLMRejected, LLMUnavailable
-from agent.models import Event, Item
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
-from agent.prompts import HistoryEntry
-from agent.state import Interaction, UserState
-from agent.summaries import (
+from agent.hooks.manager import get_plugin_manager
+from agent.llm.chat_client import LLMOutputError, LLMRejected, LLMUnavailable
+from agent.llm.prompts import HistoryEntry
+from agent.llm.summaries import (
     BUSY_PAUSE_S,
     PROFILE_KEY,
     BreakerState,
@@ -32,6 +29,9 @@ from agent.summaries import (
     heuristic_fields,
     profile_text,
 )
+from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.user_state import Interaction, UserState
+from agent.wire.contract import Event, Item
 
 from .llm_server import serving
 
@@ -56,8 +56,12 @@ class Users:
         user = self.users.get(user_id)
         if user is None:
             return None
-        entries = [HistoryEntry(title=f"Film {i}", categories=("Sci-Fi",), event="view") for i in range(len(user.recent))]
-        return Snapshot(entries=entries, event_count=user.event_count, has_profile=PROFILE_KEY in user.extras, owner=user)
+        entries = [
+            HistoryEntry(title=f"Film {i}", categories=("Sci-Fi",), event="view") for i in range(len(user.recent))
+        ]
+        return Snapshot(
+            entries=entries, event_count=user.event_count, has_profile=PROFILE_KEY in user.extras, owner=user
+        )
 
     def unsummarised(self, user_id: str) -> int:
         user = self.users.get(user_id)
@@ -140,7 +144,9 @@ async def test_pending_is_bounded_and_every_user_is_served_in_order() -> None:
         for i in range(60):
             scheduler.note_event(f"u{i:02}", users.add_events(f"u{i:02}", 2))
             peak = max(peak, scheduler.stats()["pending"])
-        while any(PROFILE_KEY not in u.extras or u.extras[PROFILE_KEY]["source"] != "llm" for u in users.users.values()):
+        while any(
+            PROFILE_KEY not in u.extras or u.extras[PROFILE_KEY]["source"] != "llm" for u in users.users.values()
+        ):
             peak = max(peak, scheduler.stats()["pending"])
             await asyncio.sleep(0.002)
     assert peak <= 5
@@ -254,7 +260,10 @@ async def test_breaker_opens_serves_heuristics_then_recovers_after_a_trial() -> 
     llm = ScriptedLLM(errors=[LLMUnavailable("down")] * 3)
     registry = CollectorRegistry()  # what a scrape reads
     scheduler = SummaryScheduler(
-        options(max_retries=0, breaker_failures=3, breaker_reset_s=30.0), users, llm, clock=lambda: now[0],
+        options(max_retries=0, breaker_failures=3, breaker_reset_s=30.0),
+        users,
+        llm,
+        clock=lambda: now[0],
         metrics=SummaryMetrics(registry),
     )
     for i in range(6):
@@ -338,7 +347,9 @@ def test_heuristic_profile_from_categories_terms_and_skips() -> None:
     assert fields["interests"][0] == "Sci-Fi" and "star" in fields["interests"]
     assert fields["avoid"] == ["Romance", "Comedy"]
     assert "Sci-Fi" in fields["summary"] and "skip" in fields["summary"]
-    assert heuristic_fields([HistoryEntry("Heat (1995)", (), "view")])["summary"].startswith("Recently engaged with Heat")
+    assert heuristic_fields([HistoryEntry("Heat (1995)", (), "view")])["summary"].startswith(
+        "Recently engaged with Heat"
+    )
     assert "Sci-Fi" in profile_text({"summary": "Likes films", "interests": ["Sci-Fi"]})
 
 
@@ -445,7 +456,9 @@ async def test_forgetting_a_user_drops_the_profile() -> None:
     async with pipeline.running():
         await add_films(pipeline)
         for i in range(2):
-            await pipeline.apply_event(Event(type="view", user_id="joe", ts=plugin.clock(), id=f"j{i}", item_id=f"m{i}"))
+            await pipeline.apply_event(
+                Event(type="view", user_id="joe", ts=plugin.clock(), id=f"j{i}", item_id=f"m{i}")
+            )
         await until(lambda: PROFILE_KEY in pipeline.users.get("joe").extras)  # type: ignore[union-attr]
         await pipeline.forget_user("joe")
         recs = await pipeline.recommend("joe")
@@ -480,7 +493,9 @@ async def test_an_llm_answering_too_late_times_out_retries_and_the_heuristic_sta
         async with pipeline.running():
             await add_films(pipeline)
             for i in range(2):
-                await pipeline.apply_event(Event(type="view", user_id="kim", ts=plugin.clock(), id=f"k{i}", item_id=f"m{i}"))
+                await pipeline.apply_event(
+                    Event(type="view", user_id="kim", ts=plugin.clock(), id=f"k{i}", item_id=f"m{i}")
+                )
             await until(lambda: plugin.scheduler.counts["summaries_heuristic"] == 2)
             counts = plugin.scheduler.counts.copy()
         profile = pipeline.users.get("kim").extras[PROFILE_KEY]  # type: ignore[union-attr]

@@ -19,10 +19,10 @@ from pathlib import Path
 import orjson
 
 from agent.config import load_settings
-from agent.embeddings import item_text, shared_embedder
-from agent.models import parse_item
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
+from agent.hooks.manager import get_plugin_manager
+from agent.pipeline.pipeline import Pipeline
+from agent.vectors.embeddings import item_text, shared_embedder
+from agent.wire.contract import parse_item
 
 
 async def through_agent(items: list, data_dir: Path) -> float:  # type: ignore[type-arg]
@@ -48,8 +48,10 @@ def main(args: argparse.Namespace) -> None:
         raw.append(len(items) / (time.perf_counter() - started))
         agent.append(len(items) / asyncio.run(through_agent(items, Path(tempfile.mkdtemp()))))
     r, a = statistics.median(raw), statistics.median(agent)
-    print(f"{len(items)} items, {args.repeats} alternating runs: raw encode {r:.1f} items/s, "
-          f"through the agent {a:.1f} items/s, ratio {a / r:.3f}")
+    print(
+        f"{len(items)} items, {args.repeats} alternating runs: raw encode {r:.1f} items/s, "
+        f"through the agent {a:.1f} items/s, ratio {a / r:.3f}"
+    )
 
 
 if __name__ == "__main__":

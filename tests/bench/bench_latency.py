@@ -28,6 +28,7 @@ import orjson
 
 from tests.test_cli import start_agent
 
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -61,7 +62,21 @@ async def main(args: argparse.Namespace) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     subset.write_bytes(b"\n".join(orjson.dumps(i) for i in items) + b"\n")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "agent", "catalog", "import", str(subset), "--data-dir", str(data_dir), "--log-level", "WARNING"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "catalog",
+            "import",
+            str(subset),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "WARNING",
+        ],
+        check=True,
+    )
     print(f"catalog import of {len(items)} items: {time.perf_counter() - started:.1f} s")
     events = [orjson.loads(line) for line in open(args.events, encoding="utf-8")]
 
@@ -121,11 +136,16 @@ async def main(args: argparse.Namespace) -> None:
             # when the slowest events were sent: one stall (a start-up task, a collection) and a
             # saturated agent look alike in a percentile, not in time
             slowest = sorted((received[e] - sent[e], sent[e] - start) for e in sent if e in received)[-5:]
-            print("slowest events sent at " + ", ".join(f"{at:.2f} s ({1000 * lag:.0f} ms)" for lag, at in reversed(slowest)))
-            print(f"latency at {args.rate:.0f} events/s for {send_seconds:.1f} s ({total} events, {pushes} pushes, "
-                  f"{len(latencies)} reflected): p50 {statistics.median(latencies):.2f} ms, "
-                  f"p90 {percentile(latencies, 0.9):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms, max {max(latencies):.1f} ms; "
-                  f"agent CPU {1000 * cpu_used / total:.2f} ms per event ({1000 * cpu_used / max(pushes, 1):.2f} ms per push)")
+            print(
+                "slowest events sent at "
+                + ", ".join(f"{at:.2f} s ({1000 * lag:.0f} ms)" for lag, at in reversed(slowest))
+            )
+            print(
+                f"latency at {args.rate:.0f} events/s for {send_seconds:.1f} s ({total} events, {pushes} pushes, "
+                f"{len(latencies)} reflected): p50 {statistics.median(latencies):.2f} ms, "
+                f"p90 {percentile(latencies, 0.9):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms, max {max(latencies):.1f} ms; "
+                f"agent CPU {1000 * cpu_used / total:.2f} ms per event ({1000 * cpu_used / max(pushes, 1):.2f} ms per push)"
+            )
 
             # ingest: as fast as the client can publish; pushes coalesce under this load
             before = (await health(http, http_url))["events_applied"]
@@ -134,7 +154,12 @@ async def main(args: argparse.Namespace) -> None:
             pushes_before = pushes
             start = time.perf_counter()
             for n in range(count):
-                body = {"id": f"ing-{run}-{n}", "type": "view", "user_id": f"ingest-user-{n % args.users}", "item_id": items[(n * 7919) % len(items)]["id"]}
+                body = {
+                    "id": f"ing-{run}-{n}",
+                    "type": "view",
+                    "user_id": f"ingest-user-{n % args.users}",
+                    "item_id": items[(n * 7919) % len(items)]["id"],
+                }
                 await nc.publish("recsys.events.view", orjson.dumps(body))
                 if n % 1000 == 0:
                     await nc.flush()
@@ -147,10 +172,14 @@ async def main(args: argparse.Namespace) -> None:
             deadline = time.perf_counter() + 30
             while not last <= received.keys() and time.perf_counter() < deadline:
                 await asyncio.sleep(0.05)
-            print(f"ingest: {count} events for {args.users} new users applied in {elapsed:.2f} s = {count / elapsed:.0f} events/s "
-                  f"({pushes_during} pushes meanwhile); last event of every user reflected in a push: {last <= received.keys()}")
-            print(f"memory: RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB, "
-                  f"{(rss_after - rss_before) * 1024 / args.users:.0f} bytes per new user (history of {count // args.users} events)")
+            print(
+                f"ingest: {count} events for {args.users} new users applied in {elapsed:.2f} s = {count / elapsed:.0f} events/s "
+                f"({pushes_during} pushes meanwhile); last event of every user reflected in a push: {last <= received.keys()}"
+            )
+            print(
+                f"memory: RSS {rss_before / 1024:.0f} -> {rss_after / 1024:.0f} MiB, "
+                f"{(rss_after - rss_before) * 1024 / args.users:.0f} bytes per new user (history of {count // args.users} events)"
+            )
             await nc.close()
     finally:
         process.terminate()

@@ -17,12 +17,12 @@ import statistics
 import time
 from pathlib import Path
 
-from agent.cli import limit_blas_threads
+from agent.cli.main import limit_blas_threads
 from agent.config import load_settings
-from agent.datasets import read_items
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
-from agent.replay import load_catalog, load_events
+from agent.evaluation.datasets import read_items
+from agent.evaluation.replay import load_catalog, load_events
+from agent.hooks.manager import get_plugin_manager
+from agent.pipeline.pipeline import Pipeline
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -56,8 +56,10 @@ async def main(args: argparse.Namespace) -> None:
     if args.lists:
         Path(args.lists).write_text("\n".join(lists) + "\n", encoding="utf-8")
     count = len(rank_ms)
-    print(f"{count} events after {args.warmup} of warm-up: recommend p50 {statistics.median(rank_ms):.3f} ms, "
-          f"mean {statistics.fmean(rank_ms):.3f} ms; apply p50 {statistics.median(apply_ms):.3f} ms, mean {statistics.fmean(apply_ms):.3f} ms")
+    print(
+        f"{count} events after {args.warmup} of warm-up: recommend p50 {statistics.median(rank_ms):.3f} ms, "
+        f"mean {statistics.fmean(rank_ms):.3f} ms; apply p50 {statistics.median(apply_ms):.3f} ms, mean {statistics.fmean(apply_ms):.3f} ms"
+    )
     print("mean microseconds per event, by hook and plugin:")
     for (hook, plugin), (calls, seconds) in sorted(table.items(), key=lambda kv: -kv[1][1]):
         print(f"  {1e6 * seconds / count:9.1f}  {hook:24s} {plugin}  ({calls} calls)")
@@ -71,7 +73,9 @@ if __name__ == "__main__":
     parser.add_argument("--measure", type=int, default=3_000)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--data-dir", default="out/bench-stages")
-    parser.add_argument("--lists", default=None, help="write every list (ids and scores) here, to diff two versions that should agree")
+    parser.add_argument(
+        "--lists", default=None, help="write every list (ids and scores) here, to diff two versions that should agree"
+    )
     # as in the agent's process
     with limit_blas_threads():
         asyncio.run(main(parser.parse_args()))

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from agent.item_vectors import ItemVectors
-from agent.vector_store import VectorStore
+from agent.vectors.item_vectors import ItemVectors
+from agent.vectors.qdrant_store import VectorStore
 
 
 def timed(function, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -68,8 +68,10 @@ def main(args: argparse.Namespace) -> None:
         recalls.append(len(truth & found) / k)
     print(f"qdrant-client local mode: {qdrant_ms:.2f} ms per query (median)")
     print(f"numpy exact scan, 1 thread: {exact_ms:.2f} ms per query (scores only, before top-k)")
-    print(f"agent in-memory search (64-d projection + exact rescoring): {ours_ms:.2f} ms per query; "
-          f"recall@{k} vs Qdrant {statistics.mean(recalls):.3f}")
+    print(
+        f"agent in-memory search (64-d projection + exact rescoring): {ours_ms:.2f} ms per query; "
+        f"recall@{k} vs Qdrant {statistics.mean(recalls):.3f}"
+    )
     store.close()
 
 

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import load_settings
-from agent.datasets import read_movietweetings, stream_order_key
-from agent.llm_client import PROFILE_SCHEMA, ChatClient, Dialect, LLMError, validate_profile
-from agent.models import Event, Item
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
-from agent.prompts import HistoryEntry, build_messages
-from agent.state import Interaction, UserState
-from agent.summaries import PROFILE_KEY, Snapshot, SummaryMetrics, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.evaluation.datasets import read_movietweetings, stream_order_key
+from agent.hooks.manager import get_plugin_manager
+from agent.llm.chat_client import PROFILE_SCHEMA, ChatClient, Dialect, LLMError, validate_profile
+from agent.llm.prompts import HistoryEntry, build_messages
+from agent.llm.summaries import PROFILE_KEY, Snapshot, SummaryMetrics, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.user_state import Interaction, UserState
+from agent.wire.contract import Event, Item
 from tests.llm_server import MODEL_ALIAS, llama_server
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "movietweetings-100k"
@@ -72,7 +72,9 @@ def load_avg() -> str:
 async def throughput(base_url: str, n: int, length: int) -> None:
     items, events = load()
     cases = histories(items, events, n + 1, length)
-    async with ChatClient(base_url, MODEL_ALIAS, dialect=Dialect.JSON_OBJECT_SCHEMA, timeout_s=300, max_tokens=320, max_connections=4) as client:
+    async with ChatClient(
+        base_url, MODEL_ALIAS, dialect=Dialect.JSON_OBJECT_SCHEMA, timeout_s=300, max_tokens=320, max_connections=4
+    ) as client:
         await client.complete_json(build_messages(cases[0]), PROFILE_SCHEMA)  # warm-up: model pages, prompt cache
         for concurrency in (1, 2):
             latencies: list[float] = []
@@ -123,7 +125,10 @@ class SyntheticUsers:
         user = self.users.get(user_id)
         if user is None:
             return None
-        entries = [HistoryEntry(self.items[i.slot].title, self.items[i.slot].categories[:4], i.type) for i in list(user.recent)[-8:]]
+        entries = [
+            HistoryEntry(self.items[i.slot].title, self.items[i.slot].categories[:4], i.type)
+            for i in list(user.recent)[-8:]
+        ]
         return Snapshot(entries, user.event_count, PROFILE_KEY in user.extras, user)
 
     def unsummarised(self, user_id: str) -> int:
@@ -142,8 +147,14 @@ async def overload(base_url: str, seconds: float, rate: float, n_users: int, pen
     catalog = list(items.values())
     source = SyntheticUsers(catalog)
     options = SummaryOptions.parse(
-        {"max_concurrency": 2, "max_pending_users": pending, "refresh_after_events": 3, "refresh_after_s": 10.0,
-         "timeout_s": 60.0, "max_tokens": 320}
+        {
+            "max_concurrency": 2,
+            "max_pending_users": pending,
+            "refresh_after_events": 3,
+            "refresh_after_s": 10.0,
+            "timeout_s": 60.0,
+            "max_tokens": 320,
+        }
     )
     from prometheus_client import CollectorRegistry
 
@@ -152,8 +163,12 @@ async def overload(base_url: str, seconds: float, rate: float, n_users: int, pen
     # a few heavy users and a long tail, as real traffic has
     weights = [1.0 / (rank + 1) for rank in range(n_users)]
     samples: list[tuple[int, int]] = []
-    async with ChatClient(base_url, MODEL_ALIAS, dialect=Dialect.JSON_OBJECT_SCHEMA, timeout_s=60, max_connections=2) as client:
-        scheduler = SummaryScheduler(options, source, llm_summariser(client, send_categories=True), metrics=SummaryMetrics(registry))
+    async with ChatClient(
+        base_url, MODEL_ALIAS, dialect=Dialect.JSON_OBJECT_SCHEMA, timeout_s=60, max_connections=2
+    ) as client:
+        scheduler = SummaryScheduler(
+            options, source, llm_summariser(client, send_categories=True), metrics=SummaryMetrics(registry)
+        )
         async with scheduler.running_tasks():
             started = time.perf_counter()
             sent = 0
@@ -177,21 +192,31 @@ async def overload(base_url: str, seconds: float, rate: float, n_users: int, pen
         for le in ("1.0", "5.0", "10.0", "30.0", "60.0", "+Inf")
     }
     total_waits = wait["+Inf"] or 1
-    print(f"{sent} events in {seconds:.0f} s ({rate:.0f}/s) from {len(source.users)} users; workers 2, max_pending_users {pending}; {load_avg()}")
-    print(f"summaries: llm {final.get('summaries_llm', 0)}, heuristic {final.get('summaries_heuristic', 0)} "
-          f"({(final.get('summaries_llm', 0)) / seconds:.2f} LLM summaries/s)")
-    print(f"pending: max {max(p for p, _ in samples)} (bound {pending}); tracked users: max {max(t for _, t in samples)}; "
-          f"requests coalesced {final.get('coalesced', 0)}, dropped {final.get('dropped', 0)}")
+    print(
+        f"{sent} events in {seconds:.0f} s ({rate:.0f}/s) from {len(source.users)} users; workers 2, max_pending_users {pending}; {load_avg()}"
+    )
+    print(
+        f"summaries: llm {final.get('summaries_llm', 0)}, heuristic {final.get('summaries_heuristic', 0)} "
+        f"({(final.get('summaries_llm', 0)) / seconds:.2f} LLM summaries/s)"
+    )
+    print(
+        f"pending: max {max(p for p, _ in samples)} (bound {pending}); tracked users: max {max(t for _, t in samples)}; "
+        f"requests coalesced {final.get('coalesced', 0)}, dropped {final.get('dropped', 0)}"
+    )
     print("wait from due to start: " + ", ".join(f"<= {le} s: {100 * v / total_waits:.0f}%" for le, v in wait.items()))
-    print(f"users with >= 3 events: {len(active)}; with an LLM profile: {len(llm_users & set(active))}; "
-          f"with any profile: {sum(1 for u in active if per_user[u])}; max summaries for one user: {max(per_user.values(), default=0)}; "
-          f"events not yet summarised per active user: median {statistics.median(behind) if behind else 0:.0f}, max {max(behind, default=0)}")
+    print(
+        f"users with >= 3 events: {len(active)}; with an LLM profile: {len(llm_users & set(active))}; "
+        f"with any profile: {sum(1 for u in active if per_user[u])}; max summaries for one user: {max(per_user.values(), default=0)}; "
+        f"events not yet summarised per active user: median {statistics.median(behind) if behind else 0:.0f}, max {max(behind, default=0)}"
+    )
 
 
 # --------------------------------------------------------------------------- hot path
 
 
-async def hotpath(base_url: str | None, n_events: int, n_items: int, rate: float, mode: str, without: list[str], data_dir: Path) -> dict[str, float]:
+async def hotpath(
+    base_url: str | None, n_events: int, n_items: int, rate: float, mode: str, without: list[str], data_dir: Path
+) -> dict[str, float]:
     items_by_id, events = load()
     events = events[:n_events]
     wanted = {e.item_id for e in events}
@@ -199,10 +224,21 @@ async def hotpath(base_url: str | None, n_events: int, n_items: int, rate: float
     items += [item for item in items_by_id.values() if item.id not in wanted][: max(0, n_items - len(items))]
     disabled = list(without) + (["summariser"] if mode == "off" else [])
     # one data dir for all modes: item embeddings are computed once
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "disabled_plugins": ",".join(disabled), "data_dir": str(data_dir)})
+    settings = load_settings(
+        env={},
+        overrides={"load_entry_points": False, "disabled_plugins": ",".join(disabled), "data_dir": str(data_dir)},
+    )
     if mode == "llm":
-        settings.plugins = {"summariser": {"base_url": base_url, "model": MODEL_ALIAS, "dialect": "json_object_schema",
-                                           "refresh_after_events": 5, "timeout_s": 60.0, "history_items": 8}}
+        settings.plugins = {
+            "summariser": {
+                "base_url": base_url,
+                "model": MODEL_ALIAS,
+                "dialect": "json_object_schema",
+                "refresh_after_events": 5,
+                "timeout_s": 60.0,
+                "history_items": 8,
+            }
+        }
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     apply_s: list[float] = []
     recommend_s: list[float] = []
@@ -212,7 +248,14 @@ async def hotpath(base_url: str | None, n_events: int, n_items: int, rate: float
         paced_from = time.perf_counter()
         for i, event in enumerate(events):
             # live timestamps, so that events wake summaries as they would in production
-            event = Event(type=event.type, user_id=event.user_id, ts=now + i * 0.001, id=f"b{i}", item_id=event.item_id, value=event.value)
+            event = Event(
+                type=event.type,
+                user_id=event.user_id,
+                ts=now + i * 0.001,
+                id=f"b{i}",
+                item_id=event.item_id,
+                value=event.value,
+            )
             started = time.perf_counter()
             await pipeline.apply_event(event)
             applied = time.perf_counter()
@@ -225,11 +268,16 @@ async def hotpath(base_url: str | None, n_events: int, n_items: int, rate: float
         summariser = pipeline.pm.get_plugin("summariser") if mode != "off" else None
         stats = summariser.scheduler.stats() if summariser is not None and summariser.scheduler else {}
     result = {
-        "apply_p50_ms": 1000 * pct(apply_s, 0.5), "apply_p99_ms": 1000 * pct(apply_s, 0.99),
-        "recommend_p50_ms": 1000 * pct(recommend_s, 0.5), "recommend_p99_ms": 1000 * pct(recommend_s, 0.99),
+        "apply_p50_ms": 1000 * pct(apply_s, 0.5),
+        "apply_p99_ms": 1000 * pct(apply_s, 0.99),
+        "recommend_p50_ms": 1000 * pct(recommend_s, 0.5),
+        "recommend_p99_ms": 1000 * pct(recommend_s, 0.99),
     }
-    print(f"summariser {mode:9}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items())
-          + f"; summaries llm {stats.get('summaries_llm', 0)}, heuristic {stats.get('summaries_heuristic', 0)}; {load_avg()}")
+    print(
+        f"summariser {mode:9}: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result.items())
+        + f"; summaries llm {stats.get('summaries_llm', 0)}, heuristic {stats.get('summaries_heuristic', 0)}; {load_avg()}"
+    )
     return result
 
 
@@ -238,11 +286,11 @@ async def hotpath(base_url: str | None, n_events: int, n_items: int, rate: float
 
 async def hooks(n: int) -> None:
     """Cost of the summariser's hot-path hooks alone, outside any contention from other stages."""
-    from agent.catalog import Catalog
     from agent.context import AgentContext
-    from agent.metrics import Metrics
-    from agent.ranking import Query, Scored
-    from agent.state import UserStore
+    from agent.pipeline.catalog import Catalog
+    from agent.pipeline.user_state import UserStore
+    from agent.pipeline.values import Query, Scored
+    from agent.serving.metrics import Metrics
     from plugins.summariser import Summariser
 
     items, _ = load()
@@ -262,14 +310,23 @@ async def hooks(n: int) -> None:
             slot = rng.randrange(catalog.size)
             user.recent.append(Interaction(slot=slot, type="view", ts=time.time(), signal=1.0))
             user.event_count += 1
-            events.append((Event(type="view", user_id=user.user_id, ts=time.time(), item_id=catalog.ids[slot]), user, slot))
+            events.append(
+                (Event(type="view", user_id=user.user_id, ts=time.time(), item_id=catalog.ids[slot]), user, slot)
+            )
         started = time.perf_counter()
         for event, user, slot in events:
             plugin.recsys_apply_event(event, user, slot, catalog)
         apply_us = (time.perf_counter() - started) / n * 1e6
         user = users.get_or_create("reader")
         genres = sorted({c for item in list(items.values())[:2000] for c in item.categories})
-        user.extras[PROFILE_KEY] = {"interests": genres[:6], "avoid": [], "summary": "s", "source": "llm", "generated_at": 0.0, "based_on_events": 0}
+        user.extras[PROFILE_KEY] = {
+            "interests": genres[:6],
+            "avoid": [],
+            "summary": "s",
+            "source": "llm",
+            "generated_at": 0.0,
+            "based_on_events": 0,
+        }
         ranked = [Scored(slot=s, score=1.0, reasons=["trending now"]) for s in range(50)]
         query = Query(user=user, k=10, now=time.time(), catalog=catalog, n_candidates=50, exclude=set())
         started = time.perf_counter()
@@ -277,8 +334,10 @@ async def hooks(n: int) -> None:
             plugin.recsys_rerank(query, ranked)
         rerank_us = (time.perf_counter() - started) / 2000 * 1e6
         stats = plugin.scheduler.stats() if plugin.scheduler else {}
-    print(f"recsys_apply_event: {apply_us:.1f} us per event over {n} events of 5,000 users; "
-          f"recsys_rerank (50 candidates, 6 interests): {rerank_us:.1f} us; scheduler {stats}; {load_avg()}")
+    print(
+        f"recsys_apply_event: {apply_us:.1f} us per event over {n} events of 5,000 users; "
+        f"recsys_rerank (50 candidates, 6 interests): {rerank_us:.1f} us; scheduler {stats}; {load_avg()}"
+    )
 
 
 def main() -> None:
@@ -294,7 +353,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1500)
     parser.add_argument("--items", type=int, default=1500)
     parser.add_argument("--without", default="", help="hotpath: comma-separated plugins to leave out, e.g. content")
-    parser.add_argument("--mode", choices=["off", "heuristic", "llm"], default="llm", help="hotpath: summariser off, heuristic only, or with the LLM")
+    parser.add_argument(
+        "--mode",
+        choices=["off", "heuristic", "llm"],
+        default="llm",
+        help="hotpath: summariser off, heuristic only, or with the LLM",
+    )
     parser.add_argument("--data-dir", type=Path, help="hotpath: data dir kept between runs (item embeddings)")
     args = parser.parse_args()
     if args.what == "hooks":

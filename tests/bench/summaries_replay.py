@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import load_settings
-from agent.datasets import read_movietweetings, stream_order_key
-from agent.hookspecs import hookimpl
-from agent.pipeline import Pipeline
-from agent.plugin_manager import get_plugin_manager
-from agent.replay import ReplayOptions, replay, select_events
-from agent.state import UserState
+from agent.evaluation.datasets import read_movietweetings, stream_order_key
+from agent.evaluation.replay import ReplayOptions, replay, select_events
+from agent.hooks.manager import get_plugin_manager
+from agent.hooks.specs import hookimpl
+from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.user_state import UserState
 from tests.bench.llm_summaries import DATA
 from tests.llm_server import MODEL_ALIAS, llama_server
 
@@ -55,16 +55,29 @@ class WaitForSummaries:
         self.waited_s += time.perf_counter() - started
 
 
-async def run_mode(mode: str, items: list[Any], events: list[Any], data_dir: Path, base_url: str | None, refresh: int) -> dict[str, Any]:
+async def run_mode(
+    mode: str, items: list[Any], events: list[Any], data_dir: Path, base_url: str | None, refresh: int
+) -> dict[str, Any]:
     disabled = ["summariser"] if mode == "off" else []
-    settings = load_settings(env={}, overrides={
-        "load_entry_points": False, "data_dir": str(data_dir), "disabled_plugins": ",".join(disabled),
-        # the waiting plugin may hold an event for as long as the LLM takes
-        "stage_timeout_ms": 600_000.0, "log_level": "WARNING",
-    })
+    settings = load_settings(
+        env={},
+        overrides={
+            "load_entry_points": False,
+            "data_dir": str(data_dir),
+            "disabled_plugins": ",".join(disabled),
+            # the waiting plugin may hold an event for as long as the LLM takes
+            "stage_timeout_ms": 600_000.0,
+            "log_level": "WARNING",
+        },
+    )
     # Count-based refreshes only: the time window runs on the wall clock, and a replay that waits
     # for summaries would otherwise see every user's window expire while it waits.
-    options: dict[str, Any] = {"refresh_after_events": refresh, "refresh_after_s": 1e9, "history_items": 10, "max_concurrency": 1}
+    options: dict[str, Any] = {
+        "refresh_after_events": refresh,
+        "refresh_after_s": 1e9,
+        "history_items": 10,
+        "max_concurrency": 1,
+    }
     if mode == "llm":
         options.update(base_url=base_url, model=MODEL_ALIAS, dialect="json_object_schema", timeout_s=120.0)
     settings.plugins = {"summariser": options}
@@ -87,21 +100,33 @@ def main() -> None:
     parser.add_argument("--sample-users", type=float, default=0.1)
     parser.add_argument("--limit", type=int, default=10_000)
     parser.add_argument("--refresh-after-events", type=int, default=5)
-    parser.add_argument("--data-dir", type=Path, help="keep item embeddings here between runs (default: a temporary folder)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="keep item embeddings here between runs (default: a temporary folder)"
+    )
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     dataset = read_movietweetings(DATA)
-    events = select_events(sorted(dataset.events, key=stream_order_key), sample_users=args.sample_users, limit=args.limit)
-    print(f"{len(events)} events of {len({e.user_id for e in events})} users, {len(dataset.items)} items; "
-          f"refresh_after_events {args.refresh_after_events}")
+    events = select_events(
+        sorted(dataset.events, key=stream_order_key), sample_users=args.sample_users, limit=args.limit
+    )
+    print(
+        f"{len(events)} events of {len({e.user_id for e in events})} users, {len(dataset.items)} items; "
+        f"refresh_after_events {args.refresh_after_events}"
+    )
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         server = stack.enter_context(llama_server(Path(scratch))) if "llm" in modes else None
         data_dir = args.data_dir or Path(scratch) / "data"
         # One event loop for every mode: the shared embedder is bound to the loop it started on.
-        asyncio.run(run_modes(modes, dataset.items, events, data_dir, server.base_url if server else None, args.refresh_after_events))
+        asyncio.run(
+            run_modes(
+                modes, dataset.items, events, data_dir, server.base_url if server else None, args.refresh_after_events
+            )
+        )
 
 
-async def run_modes(modes: list[str], items: list[Any], events: list[Any], data_dir: Path, base_url: str | None, refresh: int) -> None:
+async def run_modes(
+    modes: list[str], items: list[Any], events: list[Any], data_dir: Path, base_url: str | None, refresh: int
+) -> None:
     for mode in modes:
         started = time.perf_counter()
         # one data dir for every mode: item embeddings are computed once and reused
@@ -116,6 +141,7 @@ async def run_modes(modes: list[str], items: list[Any], events: list[Any], data_
             "load average %.1f" % os.getloadavg()[0],
             flush=True,
         )
+
 
 if __name__ == "__main__":
     main()

@@ -12,10 +12,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from agent.context import AgentContext
-from agent.hookspecs import hookimpl
-from agent.models import Item
-from agent.ranking import Candidates, Query
+from agent import AgentContext, Candidates, Item, Query, hookimpl
 
 
 class StaffPicks:
@@ -51,6 +48,9 @@ class StaffPicks:
         if len(slots) == 0:
             return None
         return Candidates(
-            source="staff_picks", slots=slots[: query.n_candidates], scores=np.ones(min(len(slots), query.n_candidates)),
-            reasons=self.reason, score_of=lambda wanted: np.isin(wanted, slots).astype(float),
+            source="staff_picks",
+            slots=slots[: query.n_candidates],
+            scores=np.ones(min(len(slots), query.n_candidates)),
+            reasons=self.reason,
+            score_of=lambda wanted: np.isin(wanted, slots).astype(float),
         )

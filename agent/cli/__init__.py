@@ -1,0 +1,1 @@
+"""The ``recsys-agent`` command line."""

@@ -1,0 +1,122 @@
+"""The ``recsys-agent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, AsyncExitStack, suppress
+
+from threadpoolctl import threadpool_limits
+
+from agent.cli.settings_flags import add_settings_flags, configure_logging, settings_from_args
+from agent.config import ConfigError, Settings
+
+log = logging.getLogger("agent")
+
+# Sub-commands other modules add: name -> (configure parser, run); kept in one table so that
+# ``recsys-agent --help`` lists everything.
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+async def serve(settings: Settings) -> None:
+    from agent.app import Agent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        # A signal during the start (a bus that is not there yet is retried without end)
+        # abandons the start, which closes whatever it had opened.
+        starting = asyncio.ensure_future(stack.enter_async_context(Agent(settings)))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with suppress(asyncio.CancelledError):
+                await starting
+            log.info("signal received while starting; stopped")
+            return
+        stopping.cancel()
+        agent = starting.result()
+        print(f"recsys-agent listening: NATS {agent.nats_url}  HTTP {agent.http_url}", flush=True)
+        await stop.wait()
+        log.info("signal received, draining")
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def build_parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys-agent", description="Real-time, LLM-assisted recommendation agent")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the agent (embedded NATS unless --nats-url)")
+    add_settings_flags(run)
+    run.set_defaults(handler=_run)
+    for name, (configure, handler) in extra.items():
+        sub = commands.add_parser(name)
+        configure(sub)
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def extra_commands() -> dict[str, Command]:
+    from agent.cli import catalog_import
+    from agent.evaluation import datasets, replay
+
+    return {
+        "dataset": (datasets.configure_parser, datasets.run_command),
+        "replay": (replay.configure_parser, replay.run_command),
+        "catalog": (catalog_import.configure_parser, catalog_import.run_command),
+    }
+
+
+def limit_blas_threads() -> AbstractContextManager[object]:
+    """Limit the BLAS library behind numpy to one thread, for the whole process.
+
+    The hot path's matrix products are small (a query against a few hundred candidate rows):
+    with several BLAS threads the hand-off costs more than the product, and the threads compete
+    with the event loop for the cores. The setting is process-wide (a library's global), so it
+    is made here, where every command's process starts (the agent, replay, catalog import),
+    not by a plugin. Sentence-transformers encodes in torch, whose threads are its own
+    (``torch.set_num_threads``): embedding is not limited by this.
+
+    Returned as a context manager that restores the previous limits, for callers that run a
+    command inside a longer-lived process (the tests).
+    """
+    # threadpoolctl limits only the libraries already loaded: numpy's BLAS must be among them
+    import numpy  # noqa: F401
+
+    return threadpool_limits(1, user_api="blas")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(extra_commands())
+    args = parser.parse_args(argv)
+    try:
+        with limit_blas_threads():
+            return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"recsys-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # What stops a command in operation (a port in use, a NATS server without JetStream,
+        # a file where a directory belongs) is said in one line; the traceback is there for
+        # whoever runs with --log-level DEBUG.
+        log.debug("%s failed", args.command, exc_info=exc)
+        print(f"recsys-agent {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

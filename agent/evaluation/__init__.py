@@ -1,0 +1,1 @@
+"""Offline evaluation: datasets, baselines and prequential replay."""

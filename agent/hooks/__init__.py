@@ -1,0 +1,1 @@
+"""The plugin system: hook specifications, the hook runner and the plugin manager."""

@@ -1,0 +1,1 @@
+"""The LLM slow path: the chat client, prompts and interest summaries."""

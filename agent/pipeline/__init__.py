@@ -1,0 +1,1 @@
+"""The recommendation pipeline, its value types, the catalog and per-user state."""

@@ -1,0 +1,1 @@
+"""Text embeddings, the Qdrant store and in-memory vector search."""
