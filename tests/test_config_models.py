@@ -81,6 +81,10 @@ def test_event_parsing_accepts_the_contract() -> None:
         ({"type": "view", "user_id": "u", "item_id": "i", "value": True}, "'value' must be a number"),
         ({"type": "view", "user_id": "", "item_id": "i"}, "'user_id' must not be empty"),
         ({"type": "view", "user_id": "u", "item_id": "i", "ts": -5}, "must not be negative"),
+        # one lower bound for both forms of 'ts', with one reason
+        ({"type": "view", "user_id": "u", "item_id": "i", "ts": "1969-12-31T23:59:59Z"}, "must not be negative"),
+        ({"type": "view", "user_id": "u", "item_id": "i", "ts": "0001-01-01T00:00:00Z"}, "must not be negative"),
+        ({"type": "view", "user_id": "u", "item_id": "i", "ts": "1970-01-01T00:59:59+01:00"}, "must not be negative"),
         ({"type": "view", "user_id": "u", "item_id": "i", "context": []}, "'context' must be an object"),
         ({"type": "view", "user_id": "u"}, "needs 'item_id'"),
         ({"type": "view", "user_id": "u" * 300, "item_id": "i"}, "longer than"),

@@ -24,7 +24,7 @@ from nats.js.errors import NotFoundError
 from agent.bus.disposition import Settler, decide
 from agent.config import Settings
 from agent.pipeline.pipeline import ApplyOutcome, Pipeline
-from agent.wire.contract import InvalidMessage, decode_json, parse_event, parse_items
+from agent.wire.contract import InvalidMessage, decode_json, parse_event, parse_event_subject, parse_items
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,6 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
 AGENT_STREAM_FIELDS = ("subjects", "retention", "storage", "max_age", "max_bytes", "max_msg_size", "duplicate_window")
 
 
-def _event_type(subject: str) -> str:
-    return subject.rsplit(".", 1)[-1]
-
-
 def _stored_at(msg: Msg) -> float:
     """When the stream stored the message (epoch seconds): the same on every replay of it."""
     stamp = msg.metadata.timestamp
@@ -143,11 +139,14 @@ class Ingestor:
     async def _apply_event_message(self, msg: Msg) -> tuple[str, str] | None:
         """Apply one event message; returns (user_id, event key) when a push is owed."""
         meta = msg.metadata
+        # The stream takes any subject under '<prefix>.events.>'; only the contract's shape is
+        # applied, anything else is dead-lettered naming the subject to use.
+        subject = parse_event_subject(self.settings.subject_prefix, msg.subject)
         obj = decode_json(msg.data, self.settings.max_payload_bytes)
         # A missing timestamp takes the time the stream stored the message, so a rebuild
         # reproduces exactly the state the first pass built.
         stored_at = _stored_at(msg)
-        event = parse_event(obj, now=stored_at, event_type=_event_type(msg.subject))
+        event = parse_event(obj, now=stored_at, event_type=subject.type)
         event.received_at = stored_at
         seq = meta.sequence.stream
         outcome = await self.pipeline.apply_event(event, seq)

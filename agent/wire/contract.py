@@ -19,6 +19,13 @@ EVENT_TYPES: frozenset[str] = frozenset({"view", "click", "add_to_cart", "purcha
 MAX_ID_LENGTH = 256
 MAX_TITLE_LENGTH = 1_000
 MAX_TEXT_LENGTH = 20_000
+# How deep a field of an event or item ('context', 'attributes', any other) may nest, the
+# field's own object or array being level 1. Real metadata is a few levels deep; the limit keeps
+# every accepted message far inside orjson's own recursion limit (254 on writing, where reading
+# allows 1024), so the agent can always store and republish what it accepted.
+MAX_NESTING_DEPTH = 32
+# The earliest accepted 'ts', for numbers and RFC 3339 text alike: the Unix epoch.
+MIN_TS = 0.0
 
 
 class InvalidMessage(ValueError):
@@ -134,6 +141,66 @@ def _require_str(obj: dict[str, Any], key: str, *, optional: bool = False) -> st
     return value
 
 
+# Unicode category Cc: C0 controls (CR, LF, tab...), DEL and C1 controls
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _event_id(obj: dict[str, Any]) -> str | None:
+    """The optional event id, refused when the stream could not keep it apart from another id.
+
+    An event id is also the stream's ``Nats-Msg-Id`` (the HTTP API sets it; a client publishing
+    on NATS may too), and nats-py strips the header value and turns CR/LF into spaces, so
+    ``"e-1"``, ``"e-1 "`` and ``"e-1\\r\\n"`` would all be one message id: every one after the
+    first dropped as a duplicate without a word. An id therefore must not start or end with
+    whitespace (Unicode whitespace included: that is what ``str.strip`` removes) nor contain a
+    control character anywhere; every id that passes is its own header value, unchanged (a
+    client that sets ``Nats-Msg-Id`` itself should set it to the event id).
+    """
+    event_id = _require_str(obj, "id", optional=True)
+    if event_id is None:
+        return None
+    if event_id[0].isspace() or event_id[-1].isspace():
+        raise InvalidMessage(f"field 'id' must not start or end with whitespace: {event_id[:64]!r}")
+    if _CONTROL.search(event_id):
+        raise InvalidMessage(f"field 'id' must not contain control characters (CR, LF, tab...): {event_id[:64]!r}")
+    return event_id
+
+
+def _too_deep(value: Any, levels_left: int) -> bool:
+    """Whether the objects and arrays in ``value`` nest more than ``levels_left`` levels."""
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, (list, tuple)):
+        children = value
+    else:
+        return False
+    if levels_left == 0:
+        return True
+    # Recursion is bounded by the limit, not by the input: it stops one level past it.
+    for child in children:
+        if _too_deep(child, levels_left - 1):
+            return True
+    return False
+
+
+def _check_storable(body: dict[str, Any], what: str) -> None:
+    """Refuse a message body the agent could not write back as JSON (it stores and republishes
+    what it accepts: the HTTP API stores the body as given).
+
+    Every field, free-form ones ('context', 'attributes') and unknown ones alike, may nest at
+    most MAX_NESTING_DEPTH levels. Within that depth orjson.dumps cannot fail on what orjson.loads
+    read; it still guards bodies built in Python (an integer beyond 64 bits, a lone surrogate,
+    a non-JSON type), so that a stored message never fails later, far from its cause.
+    """
+    for key, value in body.items():
+        if _too_deep(value, MAX_NESTING_DEPTH):
+            raise InvalidMessage(f"field '{key}' nests deeper than the limit of {MAX_NESTING_DEPTH} levels")
+    try:
+        orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidMessage(f"{what} cannot be written as JSON: {exc}") from None
+
+
 def _number(value: Any, key: str) -> float:
     # bool is an int subclass in Python; true/false are not numbers on the wire.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -148,19 +215,52 @@ _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+
 
 
 def parse_timestamp(value: Any) -> float:
+    """Epoch seconds from a number or an RFC 3339 text; one lower bound (MIN_TS) for both forms."""
     if isinstance(value, str):
         if not _RFC3339.match(value):
             raise InvalidMessage(f"field 'ts' is not an RFC 3339 timestamp: {value[:64]!r}")
         text = value.replace("z", "Z").replace("Z", "+00:00")
         try:
-            return datetime.fromisoformat(text).timestamp()
+            ts = datetime.fromisoformat(text).timestamp()
         except (ValueError, OverflowError, OSError) as exc:
             # the right shape, but no such moment (February 30th, hour 25, offset +99:00)
             raise InvalidMessage(f"field 'ts' is not a valid date: {value[:64]!r} ({exc})") from None
-    ts = _number(value, "ts")
-    if ts < 0:
-        raise InvalidMessage("field 'ts' must not be negative")
+    else:
+        ts = _number(value, "ts")
+    if ts < MIN_TS:
+        raise InvalidMessage("field 'ts' must not be negative (before 1970-01-01T00:00:00Z)")
     return ts
+
+
+@dataclass(frozen=True, slots=True)
+class EventSubject:
+    """What an event's subject says about it. Wire contract v2 adds the user token here."""
+
+    type: str
+
+
+def event_subject(prefix: str, event: Event) -> str:
+    """The subject an event is published on: ``<prefix>.events.<type>`` (wire contract v1)."""
+    return f"{prefix}.events.{event.type}"
+
+
+def parse_event_subject(prefix: str, subject: str) -> EventSubject:
+    """Read an event subject; the only place that knows its shape (with :func:`event_subject`).
+
+    Wire contract v1 is exactly ``<prefix>.events.<type>``. Any other shape (``events.foo.view``)
+    is refused rather than guessed at, so that a client on the wrong subject learns it at once.
+    Whether the type is a known one is for :func:`parse_event` to say.
+    """
+    head = f"{prefix}.events."
+    rest = subject[len(head) :] if subject.startswith(head) else ""
+    if not rest or "." in rest:
+        tokens = rest.split(".") if rest else []
+        known = next((token for token in tokens if token in EVENT_TYPES), "<type>")
+        raise InvalidMessage(
+            f"subject {subject[:200]!r} is not an event subject: publish on '{head}{known}' "
+            f"(wire contract v1: '{head}<type>')"
+        )
+    return EventSubject(type=rest)
 
 
 def parse_event(obj: Any, *, now: float, event_type: str | None = None) -> Event:
@@ -168,6 +268,14 @@ def parse_event(obj: Any, *, now: float, event_type: str | None = None) -> Event
 
     ``event_type`` is the type named by the subject (``recsys.events.<type>``); when given it must
     agree with the body, and it fills a body that omits ``type``.
+
+    The same rules hold on every path in (NATS, HTTP, replay files):
+
+    - ``id``: at most MAX_ID_LENGTH characters, no leading or trailing whitespace and no control
+      characters, so that distinct ids are distinct ``Nats-Msg-Id`` headers (see :func:`_event_id`);
+    - ``ts``: epoch seconds or RFC 3339, not before 1970-01-01T00:00:00Z in either form;
+    - ``context`` (and any other field): nested at most MAX_NESTING_DEPTH levels, and the body
+      as a whole can be written back as JSON (see :func:`_check_storable`).
     """
     if not isinstance(obj, dict):
         raise InvalidMessage(f"an event must be a JSON object, got {type(obj).__name__}")
@@ -185,7 +293,7 @@ def parse_event(obj: Any, *, now: float, event_type: str | None = None) -> Event
     item_id = _require_str(obj, "item_id", optional=True)
     if item_id is None:
         raise InvalidMessage(f"a '{body_type}' event needs 'item_id'")
-    event_id = _require_str(obj, "id", optional=True)
+    event_id = _event_id(obj)
     ts = parse_timestamp(obj["ts"]) if obj.get("ts") is not None else now
     value = _number(obj["value"], "value") if obj.get("value") is not None else None
     if body_type == "rate" and value is None:
@@ -195,6 +303,7 @@ def parse_event(obj: Any, *, now: float, event_type: str | None = None) -> Event
         context = {}
     if not isinstance(context, dict):
         raise InvalidMessage("field 'context' must be an object")
+    _check_storable(obj, "the event")
     return Event(type=body_type, user_id=user_id, ts=ts, id=event_id, item_id=item_id, value=value, context=context)
 
 
@@ -220,6 +329,7 @@ def parse_item(obj: Any) -> Item:
     image_url = obj.get("image_url")
     if image_url is not None and not isinstance(image_url, str):
         raise InvalidMessage("field 'image_url' must be a string")
+    _check_storable(obj, "the item")
     return Item(
         id=item_id,
         title=title,
