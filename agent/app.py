@@ -2,7 +2,7 @@
 
 Start: bus -> streams -> plugins -> state rebuilt from the streams -> push worker -> consumers
 -> request/reply -> HTTP. Stop is the mirror image, so by the time the bus closes every
-delivered message has been applied and settled and every owed push has been attempted.
+delivered message has been applied and disposed of and every owed push has been attempted.
 """
 
 from __future__ import annotations
@@ -13,21 +13,23 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import nats
 import orjson
+import pluggy
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from agent.bus.disposition import Settler
-from agent.bus.embedded_server import embedded_nats_server
+from agent.bus.disposition import Disposer
+from agent.bus.embedded_server import NATS_DIR, embedded_nats_server
 from agent.bus.ingest import DRAIN_TIMEOUT_S, Ingestor, drain_bounded, ensure_streams
-from agent.config import Settings
+from agent.config import Settings, is_loopback, redact_url
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.push_scheduler import PushScheduler
-from agent.serving.http_api import ApiState, serving
+from agent.serving.http_api import OPEN_PATHS, ApiState, serving
 from agent.serving.metrics import Metrics
 from agent.wire.contract import InvalidMessage, decode_json, parse_recommend_request
 
@@ -35,16 +37,38 @@ log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "recsys-agent"
 
+# The pipeline's stages, in the order an event meets them; a stage's hooks are those whose
+# names start with recsys_<stage> (recsys_apply_event, a batch variant recsys_apply_events...).
+STAGES = ("validate", "enrich", "apply", "candidates", "fuse", "rerank", "profile", "publish")
+
+
+def _implementers(pm: pluggy.PluginManager, prefix: str) -> list[str]:
+    """Plugins implementing any hook named ``prefix...``, in pluggy's call order."""
+    names: list[str] = []
+    for hook_name, caller in vars(pm.hook).items():
+        if not hook_name.startswith(prefix):
+            continue
+        # pluggy calls the last registered first
+        for impl in reversed(caller.get_hookimpls()):
+            if impl.plugin_name not in names:
+                names.append(impl.plugin_name)
+    return names
+
 
 @asynccontextmanager
 async def nats_connection(servers: str | list[str]) -> AsyncIterator[NATS]:
     """A connection to one server or to any of a cluster's (a list of URLs)."""
+    # Closing disconnects too: only a loss that nobody asked for is worth a warning.
+    closing = False
 
     async def on_error(exc: Exception) -> None:
-        log.warning("NATS: %s", exc)
+        log.warning("NATS: %s", redact_url(str(exc)))
 
     async def on_disconnect() -> None:
-        log.warning("NATS connection lost; reconnecting")
+        if closing:
+            log.debug("NATS connection closed")
+        else:
+            log.warning("NATS connection lost; reconnecting")
 
     async def on_reconnect() -> None:
         log.info("NATS connection restored")
@@ -63,6 +87,7 @@ async def nats_connection(servers: str | list[str]) -> AsyncIterator[NATS]:
     try:
         yield nc
     finally:
+        closing = True
         with suppress(Exception):
             await nc.drain()
         if not nc.is_closed:
@@ -73,11 +98,16 @@ class Agent:
     """Use as ``async with Agent(settings) as agent:``; it serves until the block exits."""
 
     def __init__(self, settings: Settings, extra_plugins: Iterable[tuple[str, Any]] = ()) -> None:
+        # before anything starts: a refused configuration opens nothing
+        settings.check_http_exposure()
         self.settings = settings
         self.metrics = Metrics()
         self.pm = get_plugin_manager(settings, extra_plugins)
         self.pipeline = Pipeline(settings, self.pm, self.metrics)
+        # the bus's URL as it may be shown: the embedded server's without its credentials
         self.nats_url = settings.nats_url
+        # the embedded server's credentials file; None on an external server
+        self.nats_credentials_file: Path | None = None
         self.http_url = ""
         self._stack: AsyncExitStack | None = None
 
@@ -100,21 +130,25 @@ class Agent:
 
     async def _start(self, stack: AsyncExitStack) -> None:
         settings = self.settings
-        if not settings.nats_url:
+        servers = settings.nats_servers()
+        if not servers:
             server = await stack.enter_async_context(
-                embedded_nats_server(settings.data_dir / "nats", settings.nats_port, binary=settings.nats_server_bin)
+                embedded_nats_server(settings.data_dir / NATS_DIR, settings.nats_port, binary=settings.nats_server_bin)
             )
-            self.nats_url = server.url
-        nc = await stack.enter_async_context(nats_connection(settings.nats_servers() or [self.nats_url]))
+            self.nats_url = server.address
+            self.nats_credentials_file = server.credentials_file
+            servers = [server.url]
+        nc = await stack.enter_async_context(nats_connection(servers))
         js = nc.jetstream()
         await ensure_streams(js, settings)
         self.pipeline.context.nc = nc
         self.pipeline.context.js = js
         await stack.enter_async_context(self.pipeline.running())
+        log.info("plugins: %s", self._plugins_by_stage())
 
-        pushes = PushScheduler(self.pipeline)
-        settler = Settler(js, settings.subject("dlq"), self.metrics)
-        ingestor = Ingestor(settings, js, self.pipeline, settler, pushes.schedule)
+        pushes = PushScheduler(self.pipeline, settings.push_batch)
+        disposer = Disposer(js, settings.subject("dlq"), self.metrics)
+        ingestor = Ingestor(settings, js, self.pipeline, disposer, pushes.schedule)
         started = time.perf_counter()
         await ingestor.rebuild()
         log.info(
@@ -128,10 +162,34 @@ class Agent:
         await stack.enter_async_context(ingestor.consuming())
         await stack.enter_async_context(self._recommend_responder(nc))
 
-        routes = [route for _, answer in await self.pipeline.hooks.call_all("recsys_http_routes") for route in answer]
+        routes = [route for _, answer in await self.pipeline.hooks.call("recsys_http_routes") for route in answer]
         api = ApiState(settings=settings, pipeline=self.pipeline, js=js, nats_url=self.nats_url, started_at=time.time())
         self.http_url = await stack.enter_async_context(serving(api, routes))
-        log.info("agent ready: NATS %s, HTTP %s", self.nats_url, self.http_url)
+        if settings.api_keys:
+            log.info(
+                "HTTP API: %d API key(s); every route needs one but %s",
+                len(settings.api_keys),
+                ", ".join(sorted(OPEN_PATHS)),
+            )
+        elif not is_loopback(settings.http_host):
+            log.warning(
+                "HTTP API on %s without API keys (insecure): whoever reaches it can read and write every user's data",
+                settings.http_host,
+            )
+        log.info("agent ready: NATS %s, HTTP %s", redact_url(self.nats_url), self.http_url)
+
+    def _plugins_by_stage(self) -> str:
+        """The loaded plugins per pipeline stage, in call order, for the start's log: what a
+        disabled_plugins setting or an installed package changed is seen at a glance."""
+        parts, named = [], set()
+        for stage in STAGES:
+            names = _implementers(self.pm, f"recsys_{stage}")
+            named.update(names)
+            parts.append(f"{stage}={','.join(names) or '-'}")
+        others = sorted(name for name, plugin in self.pm.list_name_plugin() if plugin and name not in named)
+        if others:
+            parts.append(f"other={','.join(others)}")
+        return " ".join(parts)
 
     @asynccontextmanager
     async def _collector_spared_startup(self) -> AsyncIterator[None]:

@@ -7,14 +7,16 @@ where it came from and why it was refused, so a typo never surfaces later as a c
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 ENV_PREFIX = "RECSYS_"
 
@@ -23,12 +25,62 @@ class ConfigError(ValueError):
     pass
 
 
+class PortInUse(OSError):
+    """A port that a setting names is taken by another process; the text names the flag that
+    changes it, since that is all a newcomer needs to know."""
+
+    def __init__(self, port: int, flag: str) -> None:
+        super().__init__(f"port {port} is in use (choose another with {flag})")
+        self.port = port
+        self.flag = flag
+
+
+REDACTED = "***"
+# Setting and option names whose values are credentials (qdrant_api_key, a plugin's token...).
+_SECRET_NAME = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
+# The user-info part of a URL: everything between "scheme://" and the last "@" of the host part.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s,]*)@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password (``user:***@``) or token (``***@``) of every URL in it hidden.
+
+    Works on one URL, a comma-separated cluster list or a whole message that quotes URLs: use it
+    wherever a URL leaves the process (logs, banners, health, errors).
+    """
+    return _USERINFO.sub(_hide_userinfo, text)
+
+
+def _hide_userinfo(match: re.Match[str]) -> str:
+    user, has_password, _ = match["userinfo"].partition(":")
+    # without a password, the user part of nats://TOKEN@host is the token itself
+    return f"{match['scheme']}{user}:{REDACTED}@" if has_password else f"{match['scheme']}{REDACTED}@"
+
+
+def is_secret(name: str) -> bool:
+    # api_key_env names the variable that holds a key: the name itself is not secret
+    return _SECRET_NAME.search(name) is not None and not name.endswith("_env")
+
+
+def redacted(name: str, value: Any) -> Any:
+    """``value`` of the setting or option ``name`` as it may be shown: credentials hidden."""
+    if is_secret(name):
+        return REDACTED if value else value
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, Mapping):
+        return {key: redacted(str(key), inner) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [redacted(name, inner) for inner in value]
+    return value
+
+
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "recsys-agent"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)
 class Settings:
     # where the embedded nats-server keeps JetStream and Qdrant keeps vectors
     data_dir: Path = field(default_factory=_default_data_dir)
@@ -47,6 +99,13 @@ class Settings:
     http_host: str = "127.0.0.1"
     # 0 picks a free port; the chosen one is printed and shown by /healthz
     http_port: int = 8080
+    # keys an HTTP client sends as 'Authorization: Bearer <key>'; empty: no authentication
+    # (refused on an address other machines reach, unless insecure). Several, so that a key
+    # can be rotated: add the new one, move the clients, remove the old one. Best given as
+    # RECSYS_API_KEYS (comma-separated), never on a command line, which other users can see.
+    api_keys: list[str] = field(default_factory=list)
+    # serve HTTP on a non-loopback http_host without api_keys (behind a proxy that authenticates)
+    insecure: bool = False
     max_payload_bytes: int = 65_536
     # budget of one plugin call on the hot path
     stage_timeout_ms: float = 250.0
@@ -55,7 +114,7 @@ class Settings:
     # empty: qdrant-client's local mode under data_dir/qdrant; else a Qdrant server or cluster
     qdrant_url: str = ""
     # a Qdrant server's API key; best given as RECSYS_QDRANT_API_KEY, not in a file
-    qdrant_api_key: str = field(default="", repr=False)
+    qdrant_api_key: str = ""
     qdrant_collection: str = "recsys_items"
     # sentence-transformers model: the bundled all-MiniLM-L6-v2, a local path or a cached name
     embedding_model: str = "all-MiniLM-L6-v2"
@@ -70,7 +129,10 @@ class Settings:
     # flight never leave the agent idle at its full ingest rate
     max_ack_pending: int = 4_096
     max_deliver: int = 5
+    # events the consumer fetches and applies at once, at most (it never waits for a batch to fill)
     fetch_batch: int = 256
+    # users the push worker ranks at once, at most (it never waits for a batch to fill)
+    push_batch: int = 64
     default_k: int = 10
     max_k: int = 200
     dedup_capacity: int = 1_000_000
@@ -86,6 +148,15 @@ class Settings:
     log_level: str = "INFO"
     # free-form settings for plugins, keyed by plugin name ([plugins.NAME] in TOML)
     plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        # a repr ends up in logs and tracebacks: credentials are hidden (see redacted)
+        shown = ", ".join(f"{item.name}={redacted(item.name, getattr(self, item.name))!r}" for item in fields(self))
+        return f"Settings({shown})"
+
+    def shown(self, key: str) -> str:
+        """The value of setting ``key`` as error messages and logs may quote it."""
+        return repr(redacted(key, getattr(self, key)))
 
     def validate(self) -> None:
         checks: list[tuple[str, bool, str]] = [
@@ -104,6 +175,7 @@ class Settings:
             ("max_ack_pending", self.max_ack_pending >= 1, "must be at least 1"),
             ("max_deliver", self.max_deliver >= 1, "must be at least 1"),
             ("fetch_batch", 1 <= self.fetch_batch <= 10_000, "must be between 1 and 10000"),
+            ("push_batch", 1 <= self.push_batch <= 10_000, "must be between 1 and 10000"),
             ("default_k", 1 <= self.default_k <= self.max_k, "must be between 1 and max_k"),
             ("dedup_capacity", self.dedup_capacity >= 1_000, "must be at least 1000"),
             ("history_length", self.history_length >= 1, "must be at least 1"),
@@ -137,12 +209,36 @@ class Settings:
             )
         for key, ok, reason in checks:
             if not ok:
-                raise ConfigError(f"config key '{key}' {reason} (got {getattr(self, key)!r})")
+                raise ConfigError(f"config key '{key}' {reason} (got {self.shown(key)})")
+        for index, api_key in enumerate(self.api_keys):
+            # the key itself is never quoted: only which one, and what it lacks
+            if len(api_key) < MIN_API_KEY_LENGTH or _BEARER_TOKEN.fullmatch(api_key) is None:
+                raise ConfigError(
+                    f"config key 'api_keys': key {index + 1} of {len(self.api_keys)} must be at least"
+                    f" {MIN_API_KEY_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / (what an HTTP"
+                    " Authorization header carries); make one with: python -c 'import secrets;"
+                    " print(secrets.token_urlsafe(32))'"
+                )
         for item in fields(self):
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
                 # an infinite limit passes every range check, then breaks a library
                 raise ConfigError(f"config key '{item.name}' must be a finite number (got {value!r})")
+
+    def check_http_exposure(self) -> None:
+        """Refuse to serve the HTTP API without keys where other machines can reach it.
+
+        A check of the ``run`` command, not of :meth:`validate`: the other commands (replay,
+        catalog import) read the same settings and serve no HTTP.
+        """
+        if self.api_keys or self.insecure or is_loopback(self.http_host):
+            return
+        raise ConfigError(
+            f"config key 'http_host' is {self.http_host!r}, an address other machines can reach, and no"
+            " API keys are set: set api_keys (RECSYS_API_KEYS=KEY1,KEY2; clients send"
+            " 'Authorization: Bearer KEY'), serve on 127.0.0.1, or pass --insecure (setting insecure)"
+            " to serve without authentication"
+        )
 
     def nats_servers(self) -> list[str]:
         """The URLs in ``nats_url`` (a cluster's are comma-separated); empty: the embedded server."""
@@ -153,6 +249,25 @@ class Settings:
 
     def subject(self, *parts: str) -> str:
         return ".".join((self.subject_prefix, *parts))
+
+
+MIN_API_KEY_LENGTH = 16
+# RFC 6750's b64token: the characters a Bearer credential may have
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an HTTP server bound to ``host`` is reachable from this machine only.
+
+    A host name other than localhost counts as reachable from others: what it resolves to
+    can change, and an empty host binds every interface.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # stream and consumer names: JetStream refuses these characters (they would also break the
@@ -173,17 +288,19 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-def coerce_option(where: str, kind: Any, raw: Any, *, parse_strings: bool = True) -> Any:
+def coerce_option(where: str, kind: Any, raw: Any, *, parse_strings: bool = True, secret: bool = False) -> Any:
     """``raw`` as a value of type ``kind``; else a ConfigError naming ``where``, the type and ``raw``.
 
     ``parse_strings`` reads numbers, booleans and comma-separated lists out of strings, because
     the environment and the command line only give text. Options that only ever come from TOML,
     which has typed values (plugin tables), turn it off so that ``"2"`` is refused as an integer.
+    ``secret``: the value is a credential, left out of the error.
     """
     try:
         return _convert(kind, raw, parse_strings)
     except ValueError:
-        raise ConfigError(f"{where} must be {_describe(kind)}, got {raw!r}") from None
+        shown = REDACTED if secret else repr(redacted("", raw))
+        raise ConfigError(f"{where} must be {_describe(kind)}, got {shown}") from None
 
 
 def _convert(kind: Any, raw: Any, parse_strings: bool) -> Any:
@@ -214,6 +331,11 @@ def _convert(kind: Any, raw: Any, parse_strings: bool) -> Any:
             return [part.strip() for part in raw.split(",") if part.strip()]
         if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
             return list(raw)
+    elif kind == dict[str, float]:
+        if isinstance(raw, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw.values()):
+            return {str(k): float(v) for k, v in raw.items()}
+    elif _optional(kind) is not None:
+        return None if raw is None else _convert(_optional(kind), raw, parse_strings)
     elif kind == dict[str, dict[str, Any]]:
         if isinstance(raw, dict) and all(isinstance(v, dict) for v in raw.values()):
             return raw
@@ -223,17 +345,28 @@ def _convert(kind: Any, raw: Any, parse_strings: bool) -> Any:
     raise ValueError
 
 
+def _optional(kind: Any) -> Any:
+    """``T`` for ``T | None``, else None."""
+    args = get_args(kind) if isinstance(kind, types.UnionType) else ()
+    others = [arg for arg in args if arg is not type(None)]
+    return others[0] if len(args) == 2 and len(others) == 1 else None
+
+
 def _describe(kind: Any) -> str:
     names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string", Path: "a path"}
     if kind in names:
         return names[kind]
     if kind == list[str]:
         return "a list of strings (comma-separated in the environment)"
+    if kind == dict[str, float]:
+        return "a table of numbers"
+    if _optional(kind) is not None:
+        return _describe(_optional(kind))
     return "a table of plugin tables"
 
 
 def _coerce_setting(key: str, raw: Any, origin: str) -> Any:
-    return coerce_option(f"config key '{key}' (from {origin})", _HINTS[key], raw)
+    return coerce_option(f"config key '{key}' (from {origin})", _HINTS[key], raw, secret=is_secret(key))
 
 
 def load_settings(

@@ -1,12 +1,14 @@
 """A client app, as a shop would write it: publish items and events, print the pushes.
 
 recsys-agent run            # in one terminal (embedded NATS on 4222)
+export NATS_URL=$(recsys-agent nats-credentials)   # the embedded server asks for credentials
 python examples/client.py   # in another
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import nats
@@ -22,7 +24,7 @@ ITEMS = [
 
 
 async def main() -> None:
-    nc = await nats.connect("nats://127.0.0.1:4222")
+    nc = await nats.connect(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
     js = nc.jetstream()
 
     async def show(msg: nats.aio.msg.Msg) -> None:

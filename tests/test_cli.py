@@ -17,16 +17,27 @@ import orjson
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from agent.bus.embedded_server import client_url
 from agent.cli import main as cli
 from agent.config import Settings
 from agent.evaluation import replay
+from agent.evaluation.report import ReplayResult
 
 from .conftest import Client
 
 LISTENING = re.compile(r"listening: NATS (\S+)\s+HTTP (\S+)")
 
 
-async def start_agent(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str, str]:
+async def start_agent(
+    *args: str, env: dict[str, str] | None = None, output: list[str] | None = None
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """Run ``recsys-agent run ARGS`` until its banner; the process, its NATS and HTTP URLs.
+
+    The NATS URL is the banner's, without credentials: on the embedded server (no
+    ``--nats-url``) a client connects with ``client_url(data_dir)`` from
+    ``agent.bus.embedded_server``. ``output``: a list that receives every line the agent
+    writes, before the banner and after.
+    """
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -38,7 +49,7 @@ async def start_agent(*args: str, env: dict[str, str] | None = None) -> tuple[as
         env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None
-    seen = []
+    seen = [] if output is None else output
     async with asyncio.timeout(60):
         while True:
             line = (await process.stdout.readline()).decode()
@@ -50,8 +61,9 @@ async def start_agent(*args: str, env: dict[str, str] | None = None) -> tuple[as
                 break
 
     async def drain() -> None:
-        async for _ in process.stdout:  # type: ignore[union-attr]
-            pass
+        async for line in process.stdout:  # type: ignore[union-attr]
+            if output is not None:
+                output.append(line.decode())
 
     asyncio.get_running_loop().create_task(drain())
     return process, match.group(1), match.group(2)
@@ -84,7 +96,8 @@ async def test_run_with_embedded_defaults_serves_and_stops_its_nats_server(tmp_p
         async with aiohttp.ClientSession() as http:
             health = await (await http.get(f"{http_url}/healthz")).json()
             assert health["status"] == "ok" and health["nats_url"] == nats_url
-        nc = await nats.connect(nats_url)
+        # the embedded server asks for the credentials the agent made in its data dir
+        nc = await nats.connect(client_url(tmp_path))
         got = asyncio.Event()
 
         async def on_push(msg: object) -> None:
@@ -257,7 +270,7 @@ def test_commands_run_with_one_blas_thread_and_restore_the_limit_after(
 
     real_replay = replay.replay
 
-    async def replaying(*args: Any, **kwargs: Any) -> replay.ReplayResult:
+    async def replaying(*args: Any, **kwargs: Any) -> ReplayResult:
         seen["replay"] = blas_threads()
         return await real_replay(*args, **kwargs)
 

@@ -2,6 +2,10 @@
 
 Started on loopback with JetStream and a data dir when no ``nats_url`` is configured, and
 stopped with the agent. Tests use the same code to start their own server.
+
+Loopback is not private: every local user and process can reach it. So the server asks for a
+user and a password, generated at the first start on a data dir and kept there (in a file that
+only its owner can read); :func:`client_url` gives a client the URL to connect with.
 """
 
 from __future__ import annotations
@@ -9,16 +13,22 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import fcntl
+import json
 import logging
+import os
 import re
+import secrets
 import shutil
 import signal
+import stat
 import sys
 import sysconfig
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.config import PortInUse
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +38,14 @@ START_TIMEOUT_S = 15.0
 
 
 LOCK_FILE = "recsys-agent.lock"
+# the embedded server's folder in the agent's data dir: its JetStream store, lock, credentials
+NATS_DIR = "nats"
+# JSON, which nats-server also reads as its configuration file: one file holds the secret
+CREDENTIALS_FILE = "credentials.json"
+# the running server's address (no secret), so that `recsys-agent nats-credentials` names the
+# port even when the server took a free one
+ADDRESS_FILE = "address"
+USER = "recsys-agent"
 
 
 class NatsServerError(RuntimeError):
@@ -36,9 +54,100 @@ class NatsServerError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class RunningServer:
-    url: str
+    # what a client connects with, the credentials included: never shown (show ``address``)
+    url: str = field(repr=False)
+    # the same without credentials, for logs, the banner and /healthz
+    address: str
     port: int
     pid: int
+    credentials_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    user: str
+    password: str = field(repr=False)
+
+    def url(self, address: str) -> str:
+        """``address`` (``nats://host:port``) with the user and password in it."""
+        scheme, _, rest = address.partition("://")
+        return f"{scheme}://{self.user}:{self.password}@{rest}"
+
+
+def client_url(data_dir: Path, default_port: int = 0) -> str:
+    """The URL, credentials included, with which a client connects to the embedded
+    nats-server of the agent whose ``--data-dir`` is ``data_dir``.
+
+    The port is the running server's; when none runs, ``default_port`` (the agent's
+    ``nats_port``). For tests and tools: ``await nats.connect(client_url(data_dir))``. The URL
+    holds a password: pass it to the client, never to a log.
+    """
+    store_dir = data_dir / NATS_DIR
+    credentials = read_credentials(store_dir / CREDENTIALS_FILE)
+    try:
+        address = (store_dir / ADDRESS_FILE).read_text().strip()
+    except FileNotFoundError:
+        if not default_port:
+            raise NatsServerError(
+                f"no agent's nats-server is running on {data_dir}, and its port is chosen at start"
+                " (--nats-port 0): start the agent first"
+            ) from None
+        address = f"nats://127.0.0.1:{default_port}"
+    return credentials.url(address)
+
+
+def read_credentials(path: Path) -> Credentials:
+    """The credentials in ``path`` (a data dir's ``nats/credentials.json``)."""
+    try:
+        config = json.loads(path.read_bytes())
+        auth = config["authorization"]
+        return Credentials(user=str(auth["user"]), password=str(auth["password"]))
+    except FileNotFoundError:
+        raise NatsServerError(
+            f"no NATS credentials in {path.parent}: they are made at the agent's first start on this data dir"
+        ) from None
+    except (ValueError, KeyError, TypeError):
+        raise NatsServerError(
+            f"{path} is not the credentials file the agent wrote; delete it, and the next start makes new"
+            " credentials (clients then need the new URL)"
+        ) from None
+
+
+def ensure_credentials(store_dir: Path) -> Path:
+    """The credentials file of ``store_dir``, made at the first start; its path.
+
+    The folder is made private (0700: it also holds the events) and the file readable by its
+    owner only (0600). A file found readable by others is made private again, with a warning:
+    its secret may have been read.
+    """
+    store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkdir's mode passes through the umask, and an existing folder keeps its own
+    os.chmod(store_dir, 0o700)
+    path = store_dir / CREDENTIALS_FILE
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning(
+                "%s was open to other users (mode %o): made private again; if its password may have"
+                " been read, delete the file and restart to make new credentials",
+                path,
+                mode,
+            )
+        read_credentials(path)  # a file damaged by hand is refused here, not by nats-server
+        return path
+    # URL-safe characters: the password goes into nats://user:password@host as it is
+    config = {"authorization": {"user": USER, "password": secrets.token_urlsafe(32)}}
+    # written in full under another name, then renamed: a crash never leaves half a file
+    partial = path.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(config, handle)
+        handle.write("\n")
+    os.replace(partial, path)
+    log.debug("NATS credentials made in %s", path)
+    return path
 
 
 def find_binary(explicit: str = "") -> str:
@@ -97,17 +206,42 @@ def _exclusive(store_dir: Path) -> Iterator[None]:
 async def embedded_nats_server(
     store_dir: Path, port: int = 0, host: str = "127.0.0.1", binary: str = ""
 ) -> AsyncIterator[RunningServer]:
-    """Run nats-server with JetStream storing under ``store_dir``; port 0 picks a free one."""
-    store_dir.mkdir(parents=True, exist_ok=True)
+    """Run nats-server with JetStream storing under ``store_dir``; port 0 picks a free one.
+
+    The server refuses clients without the credentials kept in ``store_dir``.
+    """
+    store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _exclusive(store_dir):
-        async with _serving(store_dir, port, host, binary) as server:
-            yield server
+        # under the lock: two starts never make two different credentials
+        credentials_file = ensure_credentials(store_dir)
+        async with _serving(store_dir, port, host, binary, credentials_file) as server:
+            address_file = store_dir / ADDRESS_FILE
+            address_file.write_text(server.address + "\n")
+            try:
+                yield server
+            finally:
+                address_file.unlink(missing_ok=True)
+
+
+def _start_failure(lines: list[str], port: int) -> Exception:
+    """Why the server exited during its start, from its log: the error lines only, not the
+    banner before them; a taken port as a PortInUse that names the flag to change."""
+    errors = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+    if port and any("address already in use" in line for line in errors):
+        return PortInUse(port, "--nats-port")
+    return NatsServerError("nats-server exited during start: " + " | ".join(errors or lines[-20:]))
 
 
 @asynccontextmanager
-async def _serving(store_dir: Path, port: int, host: str, binary: str) -> AsyncIterator[RunningServer]:
+async def _serving(
+    store_dir: Path, port: int, host: str, binary: str, credentials_file: Path
+) -> AsyncIterator[RunningServer]:
+    # The credentials as a configuration file, never as arguments: those are visible to every
+    # user of the machine (ps). The flags after it win over anything else in the file.
     args = [
         find_binary(binary),
+        "--config",
+        str(credentials_file),
         "--addr",
         host,
         "--port",
@@ -135,7 +269,10 @@ async def _serving(store_dir: Path, port: int, host: str, binary: str) -> AsyncI
             while True:
                 raw = await process.stderr.readline()
                 if not raw:
-                    raise NatsServerError("nats-server exited during start:\n" + "\n".join(lines[-20:]))
+                    # exiting by itself: reaped by asyncio's watcher, not killed (a kill
+                    # polls the pid and races the watcher, which then warns of it)
+                    await process.wait()
+                    raise _start_failure(lines, port)
                 line = raw.decode(errors="replace").rstrip()
                 lines.append(line)
                 match = _LISTENING.search(line)
@@ -144,9 +281,10 @@ async def _serving(store_dir: Path, port: int, host: str, binary: str) -> AsyncI
                 if _READY in line and bound_port is not None:
                     break
     except BaseException:
-        with suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
+        if process.returncode is None:
+            with suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
         raise
 
     async def relay_logs() -> None:
@@ -156,8 +294,15 @@ async def _serving(store_dir: Path, port: int, host: str, binary: str) -> AsyncI
             log.debug("nats-server: %s", raw.decode(errors="replace").rstrip())
 
     relay = asyncio.create_task(relay_logs())
-    server = RunningServer(url=f"nats://{host}:{bound_port}", port=bound_port, pid=process.pid)
-    log.info("embedded nats-server listening on %s (JetStream in %s)", server.url, store_dir)
+    address = f"nats://{host}:{bound_port}"
+    server = RunningServer(
+        url=read_credentials(credentials_file).url(address),
+        address=address,
+        port=bound_port,
+        pid=process.pid,
+        credentials_file=credentials_file,
+    )
+    log.info("embedded nats-server listening on %s (JetStream in %s)", server.address, store_dir)
     try:
         yield server
     finally:

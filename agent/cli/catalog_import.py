@@ -23,7 +23,7 @@ from tqdm import tqdm
 from agent.bus.embedded_server import embedded_nats_server
 from agent.bus.ingest import ensure_streams
 from agent.cli.settings_flags import add_settings_flags, configure_logging, settings_from_args
-from agent.config import Settings
+from agent.config import Settings, redact_url
 from agent.evaluation.datasets import DatasetError, read_items
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
@@ -84,7 +84,7 @@ def run_command(args: argparse.Namespace) -> int:
         items = read_items(args.items)
         seconds = asyncio.run(embed_items(settings, items))
         print(
-            f"embedded {len(items)} items in {seconds:.1f} s into Qdrant ({settings.qdrant_url or settings.data_dir / 'qdrant'})"
+            f"embedded {len(items)} items in {seconds:.1f} s into Qdrant ({redact_url(settings.qdrant_url) or settings.data_dir / 'qdrant'})"
         )
         asyncio.run(publish_items(settings, items))
     except (CatalogImportError, DatasetError, OSError) as exc:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack, suppress
+from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
+from agent.bus.embedded_server import NatsServerError, client_url
 from agent.cli.settings_flags import add_settings_flags, configure_logging, settings_from_args
-from agent.config import ConfigError, Settings
+from agent.config import ConfigError, PortInUse, Settings, redact_url
 
 log = logging.getLogger("agent")
 
@@ -43,7 +46,14 @@ async def serve(settings: Settings) -> None:
             return
         stopping.cancel()
         agent = starting.result()
-        print(f"recsys-agent listening: NATS {agent.nats_url}  HTTP {agent.http_url}", flush=True)
+        print(f"recsys-agent listening: NATS {redact_url(agent.nats_url)}  HTTP {agent.http_url}", flush=True)
+        if agent.nats_credentials_file is not None:
+            # where the secret is, never the secret: a banner ends up in logs
+            print(
+                f"NATS asks for a user and password, kept in {agent.nats_credentials_file}; a client's URL:"
+                f" recsys-agent nats-credentials --data-dir {shlex.quote(str(settings.data_dir))}",
+                flush=True,
+            )
         await stop.wait()
         log.info("signal received, draining")
 
@@ -55,12 +65,42 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nats_credentials(args: argparse.Namespace) -> int:
+    """Print the URL, credentials included, of the embedded nats-server on the data dir.
+
+    On stdout alone and never logged (``export NATS_URL=$(recsys-agent nats-credentials)``
+    is what the nats CLI and most clients read): it holds the password.
+    """
+    settings = settings_from_args(args)
+    if settings.nats_servers():
+        print(
+            f"recsys-agent nats-credentials: this agent uses the NATS server at {redact_url(settings.nats_url)}"
+            " (nats_url): its credentials are that server's",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        url = client_url(settings.data_dir, settings.nats_port)
+    except NatsServerError as exc:
+        print(f"recsys-agent nats-credentials: {exc}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
 def build_parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys-agent", description="Real-time, LLM-assisted recommendation agent")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the agent (embedded NATS unless --nats-url)")
     add_settings_flags(run)
     run.set_defaults(handler=_run)
+    credentials = commands.add_parser(
+        "nats-credentials",
+        help="print the URL, with user and password, to connect to the agent's embedded nats-server",
+    )
+    credentials.add_argument("--config", type=Path, help="TOML settings file")
+    credentials.add_argument("--data-dir", help="the agent's data dir")
+    credentials.set_defaults(handler=_nats_credentials)
     for name, (configure, handler) in extra.items():
         sub = commands.add_parser(name)
         configure(sub)
@@ -70,11 +110,11 @@ def build_parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
 
 def extra_commands() -> dict[str, Command]:
     from agent.cli import catalog_import
-    from agent.evaluation import datasets, replay
+    from agent.evaluation import datasets, replay_command
 
     return {
         "dataset": (datasets.configure_parser, datasets.run_command),
-        "replay": (replay.configure_parser, replay.run_command),
+        "replay": (replay_command.configure_parser, replay_command.run_command),
         "catalog": (catalog_import.configure_parser, catalog_import.run_command),
     }
 
@@ -105,16 +145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         with limit_blas_threads():
             return int(args.handler(args))
     except ConfigError as exc:
-        print(f"recsys-agent: configuration error: {exc}", file=sys.stderr)
+        print(f"recsys-agent: configuration error: {redact_url(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except PortInUse as exc:
+        # says all a newcomer needs: which port, and the flag that moves it
+        print(f"recsys-agent {args.command}: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
-        # What stops a command in operation (a port in use, a NATS server without JetStream,
-        # a file where a directory belongs) is said in one line; the traceback is there for
-        # whoever runs with --log-level DEBUG.
+        # What stops a command in operation (a NATS server without JetStream, a file where a
+        # directory belongs) is said in one line; the traceback is there for whoever runs
+        # with --log-level DEBUG. An exception's text may quote a URL with its password.
         log.debug("%s failed", args.command, exc_info=exc)
-        print(f"recsys-agent {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"recsys-agent {args.command}: {exc.__class__.__name__}: {redact_url(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -19,6 +19,7 @@ SETTINGS_FLAGS = (
     "embedding_model",
     "http_host",
     "http_port",
+    "insecure",
     "subject_prefix",
     "log_level",
 )
@@ -50,6 +51,15 @@ def add_service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats-port", help="port of the spawned nats-server (0: any free port)")
     parser.add_argument("--http-host", help="address of the HTTP API")
     parser.add_argument("--http-port", help="port of the HTTP API (0: any free port)")
+    # No --api-keys flag: a command line is visible to every user of the machine (ps); keys
+    # come from RECSYS_API_KEYS or the settings file.
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        # None, not False, when absent: the settings file and the environment then decide
+        default=None,
+        help="serve HTTP on a non-loopback --http-host without API keys (RECSYS_API_KEYS)",
+    )
     parser.add_argument("--subject-prefix", help="first token of every subject (default recsys)")
 
 
