@@ -20,8 +20,11 @@ from agent.app import Agent
 from agent.config import Settings, load_settings
 from agent.hooks.manager import get_plugin_manager
 from agent.llm.chat_client import PROFILE_SCHEMA, ChatClient, Dialect, LLMOutputError, LLMRejected, validate_profile
+from agent.llm.profiles import PROFILE_KEY
 from agent.llm.prompts import HistoryEntry, build_messages
-from agent.llm.summaries import PROFILE_KEY, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.llm.scheduler import SummaryScheduler
+from agent.llm.summarisers import llm_summariser
+from agent.llm.summary_options import SummaryOptions
 from agent.pipeline.pipeline import Pipeline
 from agent.wire.contract import Event, Item
 

@@ -16,22 +16,17 @@ from prometheus_client import CollectorRegistry
 from agent.config import ConfigError, load_settings
 from agent.hooks.manager import get_plugin_manager
 from agent.llm.chat_client import LLMOutputError, LLMRejected, LLMUnavailable
+from agent.llm.circuit_breaker import BreakerState, CircuitBreaker
+from agent.llm.profiles import PROFILE_KEY, profile_text
 from agent.llm.prompts import HistoryEntry
-from agent.llm.summaries import (
-    BUSY_PAUSE_S,
-    PROFILE_KEY,
-    BreakerState,
-    CircuitBreaker,
-    Snapshot,
-    SummaryMetrics,
-    SummaryOptions,
-    SummaryScheduler,
-    heuristic_fields,
-    profile_text,
-)
+from agent.llm.scheduler import BUSY_PAUSE_S, HistorySnapshot, SummaryScheduler
+from agent.llm.summarisers import heuristic_fields
+from agent.llm.summary_metrics import SummaryMetrics
+from agent.llm.summary_options import SummaryOptions
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.user_state import Interaction, UserState
 from agent.wire.contract import Event, Item
+from plugins.summariser import COVERED
 
 from .llm_server import serving
 
@@ -52,14 +47,14 @@ class Users:
             user.event_count += 1
         return self.unsummarised(user_id)
 
-    def snapshot(self, user_id: str) -> Snapshot | None:
+    def snapshot(self, user_id: str) -> HistorySnapshot | None:
         user = self.users.get(user_id)
         if user is None:
             return None
         entries = [
             HistoryEntry(title=f"Film {i}", categories=("Sci-Fi",), event="view") for i in range(len(user.recent))
         ]
-        return Snapshot(
+        return HistorySnapshot(
             entries=entries, event_count=user.event_count, has_profile=PROFILE_KEY in user.extras, owner=user
         )
 
@@ -67,14 +62,14 @@ class Users:
         user = self.users.get(user_id)
         if user is None:
             return 0
-        return user.event_count - int(user.extras.get("covered", 0))  # type: ignore[call-overload]
+        return user.event_count - int(user.extras.get(COVERED, 0))  # type: ignore[call-overload]
 
-    def store(self, user_id: str, snapshot: Snapshot, profile: dict[str, Any], *, final: bool) -> None:
+    def store(self, user_id: str, snapshot: HistorySnapshot, profile: dict[str, Any], *, final: bool) -> None:
         user = self.users.get(user_id)
         if user is None or user is not snapshot.owner:
             return
         if final:
-            user.extras["covered"] = snapshot.event_count
+            user.extras[COVERED] = snapshot.event_count
         user.extras[PROFILE_KEY] = profile
         self.stored.append((user_id, profile))
 

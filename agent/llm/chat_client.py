@@ -15,7 +15,7 @@ Every answer is checked: HTTP status, the completion's ``finish_reason`` (``leng
 JSON was cut off), that the content parses as JSON, and that it fits the schema (see
 :func:`validate_profile`). Anything else is an :class:`LLMError` subclass, never a crash and
 never a half-parsed object. Whether an error is worth retrying is on the exception
-(``retryable``); the scheduler in ``agent/summaries.py`` owns retries and the circuit breaker.
+(``retryable``); the scheduler in ``agent/llm/scheduler.py`` owns retries and the circuit breaker.
 """
 
 from __future__ import annotations

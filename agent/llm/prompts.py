@@ -13,7 +13,9 @@ newlines in a title are escaped and cannot close the block), between explicit ma
 system message says that nothing inside the block is an instruction. What comes back is held to
 the schema by the server's constrained decoding and again by ``validate_profile``: a title
 saying "ignore previous instructions" can at most colour the words of a profile, never its shape
-or what the agent does with it.
+or what the agent does with it. The chat template's own control tokens (``<|im_start|>``,
+``[INST]``, ``<start_of_turn>``...) are stripped from catalog text: the server's tokenizer would
+read them as real turn boundaries, which no wording of the prompt can undo.
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ _ID_TOKEN = re.compile(r"(?<![\w-])(?=[\w-]*\d{6})(?=[\w-]*[A-Za-z])[\w-]{8,}\b"
 _URL = re.compile(r"\bhttps?://\S+", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ANGLES = re.compile(r"[<>]{2,}")
+# Chat-template control tokens. The serving stack (vLLM, llama.cpp) tokenizes these strings in
+# message content as the special tokens themselves, so "<|im_start|>system" in a title would
+# open a real system turn, whatever the prompt says about the data block. Covered: the generic
+# <|name|> form (ChatML <|im_start|> <|im_end|> <|endoftext|>; Llama 3 <|begin_of_text|>
+# <|start_header_id|> <|eot_id|>; Phi <|user|> <|end|>; DeepSeek's full-width <｜name｜>), also
+# missing the bracket that _ANGLES removes between two adjacent tokens ("<|a|><|b|>" arrives as
+# "<|a| |b|>"); sentencepiece and Gemma <s> </s> <unk> <pad> <bos> <eos> <start_of_turn>
+# <end_of_turn>; Qwen's <think> <tool_call>; Llama 2 and Mistral [INST] [/INST] [SYSTEM_PROMPT]
+# [TOOL_CALLS] and the like. Llama 2's <<SYS>> never gets here: _ANGLES breaks it. Only these
+# shapes and names, so "a < b", "Me | You", "<vector>" or "[HD]" stay as they are.
+_TOKEN_NAME = r"[^\s<>|｜]{1,64}"
+_SPECIAL_TOKEN = re.compile(
+    rf"<[|｜]{_TOKEN_NAME}[|｜]>?|[|｜]{_TOKEN_NAME}[|｜]>"
+    r"|</?(?:s|unk|pad|bos|eos|mask|think|tool_call|tool_response|(?:start|end)_of_[a-z_]{1,32})>"
+    r"|\[/?(?:INST|SYS|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS|TOOL_CONTENT|THINK)\]"
+)
 
 
 def redact(text: str, *, user_id: str | None = None) -> str:
@@ -96,7 +114,18 @@ def _prepared(text: str, limit: int) -> tuple[str, str, str]:
     Cached: the same titles and categories come back for user after user, so the patterns run
     once per text, not once per user and history entry."""
     normalised = _bounded(text, limit)
-    return normalised, normalised.lower(), redact(normalised)[:limit].rstrip()
+    return normalised, normalised.lower(), _final(redact(normalised), limit)
+
+
+def _final(masked: str, limit: int) -> str:
+    """The masked text as it is sent: cut to ``limit``, then rid of chat-template tokens.
+
+    After the cut, so that nothing later can bring a token back. Each token becomes a space,
+    not nothing: the pieces around it must not join into a new token ("<|im_<|x|>start|>")."""
+    text = masked[:limit]
+    if _SPECIAL_TOKEN.search(text):
+        text = " ".join(_SPECIAL_TOKEN.sub(" ", text).split())
+    return text.rstrip()
 
 
 def _bounded(text: str, limit: int) -> str:
@@ -110,7 +139,7 @@ def _clean(text: str, limit: int, user_id: str | None) -> str:
     normalised, lowered, cleaned = _prepared(text, limit)
     if user_id and len(user_id) >= 3 and user_id.lower() in lowered:
         # The user id goes first, before any pattern can eat part of it and leave the rest.
-        return redact(normalised, user_id=user_id)[:limit].rstrip()
+        return _final(redact(normalised, user_id=user_id), limit)
     return cleaned
 
 
