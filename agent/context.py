@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Settings
+from agent.hooks.options import OptionsT, parse_options
 from agent.pipeline.catalog import Catalog
+from agent.pipeline.extras import Extras
 from agent.pipeline.user_state import UserStore
 from agent.serving.metrics import Metrics
 
@@ -29,11 +31,14 @@ class AgentContext:
     # the pipeline's clock: wall time live, event time in replay
     clock: Callable[[], float] = time.time
     # objects plugins share with each other, e.g. "item_vectors" from the content source
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: Extras = field(default_factory=Extras)
     # events delivered to this agent and not applied yet; background work (profile refreshes)
     # gives way while there are any, so that a burst is ingested first. Read it at each use:
     # the live agent sets it once its consumer runs.
     backlog: Callable[[], int] = lambda: 0
 
-    def options(self, plugin_name: str) -> dict[str, Any]:
-        return self.settings.plugin_options(plugin_name)
+    def options(self, plugin_name: str, declared: type[OptionsT] | None = None) -> Any:
+        """The plugin's ``[plugins.<plugin_name>]`` table parsed into its options dataclass
+        (``agent/hooks/options.py``): unknown keys and wrong types stop the start."""
+        raw = self.settings.plugin_options(plugin_name)
+        return raw if declared is None else parse_options(declared, raw, plugin_name)

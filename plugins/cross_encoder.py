@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,24 @@ DEFAULT_DEPTH = 20
 QUERY_ITEMS = 5
 
 
+@dataclass(frozen=True, slots=True)
+class CrossEncoderOptions:
+    model: str = ""  # empty: the reranker is off
+    depth: int = DEFAULT_DEPTH
+    weight: float = 0.5
+    device: str = "cpu"
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [
+            (name, message)
+            for name, bad, message in (
+                ("weight", not 0 <= self.weight <= 1, "must be in [0, 1]"),
+                ("depth", self.depth < 2, "must be at least 2"),
+            )
+            if bad
+        ]
+
+
 class CrossEncoderReranker:
     """Options: ``model``, ``device`` (default cpu), ``depth`` (items rescored, default 20),
     ``weight`` (share of the cross-encoder score in the final order, default 0.5)."""
@@ -40,25 +58,15 @@ class CrossEncoderReranker:
         self._predicting = False
 
     @hookimpl
-    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
-        return self._load(ctx)
-
-    @asynccontextmanager
-    async def _load(self, ctx: AgentContext) -> AsyncIterator[None]:
-        options = ctx.options("cross_encoder")
-        name = options.get("model")
-        self.depth = int(options.get("depth", DEFAULT_DEPTH))
-        self.weight = float(options.get("weight", 0.5))
-        if name:
-            if not 0 <= self.weight <= 1 or self.depth < 2:
-                raise ValueError("[plugins.cross_encoder] weight must be in [0, 1] and depth at least 2")
+    async def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        options = ctx.options("cross_encoder", CrossEncoderOptions)
+        self.depth, self.weight = options.depth, options.weight
+        if options.model:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import CrossEncoder
 
             # a daemon thread: a stop while the model loads must not wait for it
-            self.model = await in_daemon_thread(
-                lambda: CrossEncoder(str(name), device=str(options.get("device", "cpu")))
-            )
+            self.model = await in_daemon_thread(lambda: CrossEncoder(options.model, device=options.device))
         try:
             yield
         finally:

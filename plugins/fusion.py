@@ -13,6 +13,11 @@ weights take one logistic gradient step towards that, using the features the ite
 time of the ranking. Which source predicts best differs between data sets and between new and
 long-standing users, so weights are kept per history-length segment, and redundant sources
 (two popularity horizons that agree) are learned away rather than double-counted.
+
+The hot path hands over batches (``recsys_fuse_batch``, ``recsys_apply_events``): a batch's
+lists are fused in one set of array operations, and each query's numbers are exactly, to the
+bit, those it gets alone: every statistic reduces one list's cells only, and sums add in an
+order that does not depend on the batch. The one-item hooks are batches of one.
 """
 
 from __future__ import annotations
@@ -22,16 +27,19 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
 from agent.bus.kv_snapshots import Snapshots
 from agent.context import AgentContext
 from agent.hooks.specs import hookimpl
+from agent.pipeline.extras import FUSION_WEIGHTS
 from agent.pipeline.user_state import UserState, UserStore
-from agent.pipeline.values import Candidates, Query, Scored, sorted_unique, top_slots
+from agent.pipeline.values import Candidates, Query, Scored, sorted_unique
+from agent.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +80,25 @@ class Ranking:
     segment: str
     sources: list[str]
     union: np.ndarray  # sorted candidate slots
-    features: np.ndarray  # float32, one row per union slot
+    features: np.ndarray  # float32, one row per feature (``sources``), one column per union slot
     shown: np.ndarray  # positions in ``union`` of the top of the fused list
+
+
+@dataclass(frozen=True, slots=True)
+class FusionOptions:
+    learning_rate: float = LEARNING_RATE
+    weights: dict[str, float] = field(default_factory=dict)  # feature -> initial weight
+    max_pending_rankings: int = MAX_PENDING
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [
+            (name, message)
+            for name, bad, message in (
+                ("learning_rate", not 0 < self.learning_rate <= 1, "must be in (0, 1]"),
+                ("max_pending_rankings", self.max_pending_rankings < 1, "must be at least 1"),
+            )
+            if bad
+        ]
 
 
 class LearnedFusion:
@@ -93,22 +118,19 @@ class LearnedFusion:
         self._rng = np.random.default_rng(0)
         self._uniform_pool = np.empty(0)
         self._uniform_at = 0
+        self._gain_table = np.empty(0)
         self._users: UserStore | None = None
+        self._metrics: Metrics | None = None
 
     @hookimpl
-    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
-        return self._configure(ctx)
-
-    @asynccontextmanager
-    async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
-        options = ctx.options("fusion")
-        self.learning_rate = float(options.get("learning_rate", LEARNING_RATE))
-        self.initial = {str(k): float(v) for k, v in options.get("weights", {}).items()}
-        self.max_pending = int(options.get("max_pending_rankings", MAX_PENDING))
-        if not 0 < self.learning_rate <= 1 or self.max_pending < 1:
-            raise ValueError("[plugins.fusion] learning_rate must be in (0, 1] and max_pending_rankings at least 1")
-        ctx.extras["fusion_weights"] = self.weights
+    async def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        options = ctx.options("fusion", FusionOptions)
+        self.learning_rate = options.learning_rate
+        self.initial = dict(options.weights)
+        self.max_pending = options.max_pending_rankings
+        ctx.extras[FUSION_WEIGHTS] = self.weights
         self._users = ctx.users
+        self._metrics = ctx.metrics
         snapshots = Snapshots(ctx.js, f"{ctx.settings.stream_name}_STATE") if ctx.js is not None else None
         if snapshots is not None:
             saved = await snapshots.load(SNAPSHOT_KEY)
@@ -144,7 +166,7 @@ class LearnedFusion:
                 except Exception as exc:
                     log.warning("could not save the fusion weights: %s", exc)
 
-    def _weights(self, segment: str, sources: list[str], plugins: list[str] | None = None) -> np.ndarray:
+    def _weight_list(self, segment: str, sources: list[str], plugins: list[str] | None = None) -> list[float]:
         table = self.weights.setdefault(segment, {})
         for position, source in enumerate(sources):
             if source not in table:
@@ -152,20 +174,21 @@ class LearnedFusion:
                 # a plugin with three popularity horizons does not outvote the others 3 to 1.
                 share = plugins.count(plugins[position]) if plugins and plugins[position] else 1
                 table[source] = self.initial.get(source, 0.0 if source == AGREEMENT else 1.0 / share)
-        return np.array([table[s] for s in sources])
+        return [table[s] for s in sources]
+
+    def _weights(self, segment: str, sources: list[str], plugins: list[str] | None = None) -> np.ndarray:
+        return np.array(self._weight_list(segment, sources, plugins))
+
+    def _gains(self, count: int) -> np.ndarray:
+        """``gain(1..count)``, kept between batches; from ``math.log2``, as one item's gain is."""
+        if len(self._gain_table) < count:
+            self._gain_table = np.array([gain(rank) for rank in range(1, max(count, 2 * len(self._gain_table)) + 1)])
+        return self._gain_table
 
     @staticmethod
-    def _raw_scores(cands: Candidates, slots: np.ndarray) -> np.ndarray:
-        if cands.score_of is not None:
-            return cands.score_of(slots)
-        # without score_of, an item's standing in this source is its rank gain (0 if absent)
-        ranks = {slot: rank for rank, slot in enumerate(cands.slots.tolist(), start=1)}
-        return np.array([gain(ranks[s]) if s in ranks else 0.0 for s in slots.tolist()])
-
-    @staticmethod
-    def _log_scale(raw: np.ndarray, rows: list[int]) -> None:
-        """Puts the given rows, scores of count-like sources (``Candidates.counts``: popularity,
-        co-occurrence) and the agreement count, on a log scale in place:
+    def _log_scale(raw: np.ndarray, cells: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+        """Puts the rows of the given cells, scores of count-like sources (``Candidates.counts``:
+        popularity, co-occurrence) and the agreement count, on a log scale in place:
         ``log(1 + score / mean positive score)``.
 
         Such scores are heavy-tailed: on a linear scale a few blockbusters take the whole
@@ -175,100 +198,309 @@ class LearnedFusion:
         compresses the tail, and dividing by the mean keeps it free of the source's units.
         Which rows are counts is the source's to say, not guessed from one list's values: a
         source's features must mean the same from one list to the next. ``raw`` holds 0
-        where a source cannot score a candidate."""
-        if not rows:
+        where a source cannot score a candidate; ``cells`` masks the rows' cells, which lie
+        one row after the other, from ``starts`` (in the masked cells) for ``lengths``."""
+        if not len(starts):
             return
-        counts = np.maximum(raw[rows], 0.0)
+        counts = np.maximum(raw[cells], 0.0)
         # an all-zero row stays 0
-        mean = counts.sum(axis=1) / np.maximum((counts > 0).sum(axis=1), 1)
+        mean = np.add.reduceat(counts, starts) / np.maximum(np.add.reduceat(counts > 0, starts, dtype=np.int64), 1)
         # in single precision, where numpy's log is vectorised (log1p is not, in either): a
         # feature needs no more digits
-        scaled = (counts / np.maximum(mean, TINY)[:, None]).astype(np.float32)
+        scaled = (counts / np.maximum(mean, TINY).repeat(lengths)).astype(np.float32)
         scaled += 1.0
-        raw[rows] = np.log(scaled, out=scaled)
+        raw[cells] = np.log(scaled, out=scaled)
 
     @classmethod
-    def _standardised(cls, raw: np.ndarray, counts: list[int]) -> np.ndarray:
-        """Row-wise (one row per source) z-scores over the candidates, with the ``counts`` rows
-        on a log scale first (``_log_scale``): scale-free, yet a clear favourite keeps its lead
-        (a percentile would flatten that). A candidate a source cannot score (NaN or
-        infinite) gets the floor. Overwrites ``raw`` (a float array)."""
+    def _standardised_rows(cls, raw: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Row-wise z-scores over each row's candidates, the rows lying one after the other in
+        ``raw`` (``lengths`` cells each, none empty), with the rows that ``counts`` marks on a
+        log scale first (``_log_scale``): scale-free, yet a clear favourite keeps its lead (a
+        percentile would flatten that). A candidate a source cannot score (NaN or infinite)
+        gets the floor. Overwrites ``raw`` (a float array).
+
+        Every statistic is a ``reduceat`` over one row's cells, so a row's numbers do not
+        depend on what other rows (other queries of a batch) lie beside it."""
         known = np.isfinite(raw)
         complete = bool(known.all())
         if not complete:
             raw = np.where(known, raw, 0.0)
-        cls._log_scale(raw, counts)
+        starts = lengths.cumsum() - lengths
+        count_lengths = lengths[counts]
+        cls._log_scale(raw, counts.repeat(lengths), count_lengths.cumsum() - count_lengths, count_lengths)
+        known_counts = lengths if complete else np.maximum(np.add.reduceat(known, starts, dtype=np.int64), 1)
+        deviation = raw - (np.add.reduceat(raw, starts) / known_counts).repeat(lengths)
         if not complete:
-            counts_known = np.maximum(known.sum(axis=1, keepdims=True), 1)
-            mean = raw.sum(axis=1, keepdims=True) / counts_known
-            deviation = np.where(known, raw - mean, 0.0)
-        else:
-            mean = raw.mean(axis=1, keepdims=True)
-            deviation = raw - mean
-        spread = np.sqrt(
-            np.einsum("ij,ij->i", deviation, deviation)[:, None] / (raw.shape[1] if complete else counts_known)
-        )
-        z = deviation / np.where(spread > 0, spread, np.inf)
+            deviation = np.where(known, deviation, 0.0)
+        spread = np.sqrt(np.add.reduceat(deviation * deviation, starts) / known_counts)
+        z = np.divide(deviation, np.where(spread > 0, spread, np.inf).repeat(lengths), out=deviation)
         if not complete:
             z[~known] = Z_MIN
         return np.clip(z, Z_MIN, Z_MAX, out=z)
 
+    @classmethod
+    def _standardised(cls, raw: np.ndarray, counts: list[int]) -> np.ndarray:
+        """``_standardised_rows`` for one list: a (source, candidate) array, ``counts`` the
+        rows of count-like sources. May overwrite ``raw``."""
+        rows, width = raw.shape
+        is_count = np.zeros(rows, dtype=bool)
+        is_count[counts] = True
+        flat = np.ascontiguousarray(raw, dtype=np.float64).ravel()
+        return cls._standardised_rows(flat, np.full(rows, width), is_count).reshape(rows, width)
+
     @hookimpl(trylast=True)
-    def recsys_fuse(self, query: Query, candidates: list[Candidates]) -> list[Scored]:
-        candidates = [c for c in candidates if len(c.slots)]
-        if not candidates:
-            return []
-        segment = segment_of(query.user.event_count)
-        sources = [c.source for c in candidates]
-        names = [*sources, AGREEMENT]
-        weights = self._weights(segment, names, [c.plugin for c in candidates] + [AGREEMENT])
-        union = sorted_unique(np.concatenate([c.slots for c in candidates]))
-        # member[i, j]: source i proposed union item j
-        member = np.zeros((len(candidates), len(union)), dtype=bool)
-        # one row per source, and a last one for how many sources agree on the item; rows
-        # keep the statistics on contiguous memory
-        raw = np.empty((len(names), len(union)))
-        for row, c in enumerate(candidates):
-            raw[row] = self._raw_scores(c, union)
-            member[row, np.searchsorted(union, c.slots)] = True
-        raw[-1] = member.sum(axis=0)
-        # the agreement row (last) counts sources: a count too
-        count_rows = [row for row, c in enumerate(candidates) if c.counts] + [len(candidates)]
-        features = self._standardised(raw, count_rows)
-        top, scores = top_slots(weights @ features, query.n_candidates)
-        top_slots_ = union[top]
-        # which source proposed each top item, strongest contribution first (for reasons)
-        proposed = member[:, top]
-        strength = np.where(proposed, features[:-1, top] * weights[:-1, None], -np.inf)
-        # each item's proposing sources, strongest first: sorted by strength, the proposers
-        # lead every column, so one gather and a slice per item give them
-        order = np.argsort(-strength, axis=0, kind="stable").T
-        by_strength = np.array(sources, dtype=object)[order].tolist()
-        counts = proposed.sum(axis=0).tolist()
-        ranked = [
-            Scored(slot, score, [], names_[:count])
-            for slot, score, names_, count in zip(
-                top_slots_.tolist(), scores.tolist(), by_strength, counts, strict=True
+    def recsys_fuse(self, query: Query, candidates: list[Candidates]) -> list[Scored] | None:
+        """One query: a batch of one (the runner calls ``recsys_fuse_batch``)."""
+        return self.recsys_fuse_batch([query], [candidates])[0]
+
+    @hookimpl(trylast=True)
+    def recsys_fuse_batch(self, queries: list[Query], candidates: list[list[Candidates]]) -> list[list[Scored] | None]:
+        """Every query's lists fused at once, in a few numpy calls per batch rather than many per
+        query and per source.
+
+        The features of the whole batch lie in one array, row after row: one row per source of
+        every query, then one per query for the agreement, each as long as the query's union
+        of candidates. Statistics are reductions over one row's cells and fused scores are
+        summed in row order, so each query's numbers are exactly those it gets alone.
+        What stays per query is what cannot be shared: each source's ``score_of`` and the
+        ``Scored`` entries."""
+        answers: list[list[Scored] | None] = [[] for _ in queries]
+        kept = [
+            (index, query, lists)
+            for index, (query, found) in enumerate(zip(queries, candidates, strict=True))
+            if (lists := [c for c in found if len(c.slots)])
+        ]
+        if not kept:
+            return answers
+        batch = len(kept)
+        # the batch's sources, query after query: "flat" indexes them
+        flat = [c for _, _, lists in kept for c in lists]
+        per_query = np.array([len(lists) for _, _, lists in kept])
+        source_query = np.arange(batch).repeat(per_query)
+
+        # weights: looked up once per (segment, sources) layout of the batch
+        segments = [segment_of(query.user.event_count) for _, query, _ in kept]
+        names = [[c.source for c in lists] + [AGREEMENT] for _, _, lists in kept]
+        layouts: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[float]] = {}
+        source_weights: list[float] = []
+        agreement_weights: list[float] = []
+        for segment, sources, (_, _, lists) in zip(segments, names, kept):
+            plugins = [c.plugin for c in lists] + [AGREEMENT]
+            key = (segment, tuple(sources), tuple(plugins))
+            weights = layouts.get(key)
+            if weights is None:
+                weights = layouts[key] = self._weight_list(segment, sources, plugins)
+            source_weights += weights[:-1]
+            agreement_weights.append(weights[-1])
+        # one weight per feature row: every source of the batch, then each query's agreement
+        weight_of_row = np.array(source_weights + agreement_weights)
+
+        # Each query's union of candidates, all sorted at once under a key of (query, slot).
+        # An entry is one slot of one source's list.
+        lengths = np.array([len(c.slots) for c in flat])
+        entry_slots = np.concatenate([c.slots for c in flat]).astype(np.int64, copy=False)
+        entry_query = source_query.repeat(lengths)
+        entry_source = np.arange(len(flat)).repeat(lengths)
+        keys = entry_query * (int(entry_slots.max()) + 1) + entry_slots
+        # a stable sort also tells where each entry went, which spares a search per entry;
+        # equal keys keep the sources' order
+        by_key = keys.argsort(kind="stable")
+        ordered = keys[by_key]
+        first = np.empty(len(keys), dtype=bool)
+        first[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+        entry_item = np.empty(len(keys), dtype=np.int64)  # the entry's place in the batch's unions
+        entry_item[by_key] = first.cumsum() - 1
+        union_slots = entry_slots[by_key[first]]
+        union_query = entry_query[by_key[first]]
+        sizes = np.bincount(union_query, minlength=batch)
+        bounds = np.concatenate([[0], sizes.cumsum()])
+        # proposals: one entry per (source, item), in that order; a source that lists an item
+        # twice proposes it once
+        once = first.copy()
+        once[1:] |= entry_source[by_key[1:]] != entry_source[by_key[:-1]]
+        proposals = by_key[once]
+        agreement = np.bincount(entry_item[proposals], minlength=len(union_slots))
+
+        # Raw scores, row after row: every source of the batch (query after query), then the
+        # agreement of every query, which is the array of proposal counts as it is.
+        pieces: list[np.ndarray] = []
+        failed = []
+        for q, ((lo, hi), (_, query, lists)) in enumerate(zip(pairwise(bounds.tolist()), kept, strict=True)):
+            # a source that fails on one query fails that query alone, as it would alone
+            try:
+                pieces += self._source_scores(lists, union_slots[lo:hi])
+            except Exception:
+                log.exception("fusion: a source could not score the candidates of user %s", query.user.user_id)
+                failed.append(q)
+        if failed:
+            return self._without(failed, kept, answers)
+        row_lengths = np.concatenate((sizes[source_query], sizes))
+        raw = np.concatenate([*pieces, agreement], dtype=np.float64)
+        row_starts = row_lengths.cumsum() - row_lengths
+        # a source's row is its place in the batch
+        entry_cell = row_starts[: len(flat)].repeat(lengths) + entry_item - bounds[entry_query]
+        unscored = np.array([c.score_of is None for c in flat])
+        if unscored.any():
+            # without score_of, an item's standing in a source is its rank gain (0 if absent)
+            mask = unscored.repeat(lengths)
+            rank = np.arange(len(keys)) - (lengths.cumsum() - lengths).repeat(lengths)
+            raw[entry_cell[mask]] = self._gains(int(lengths.max()))[rank[mask]]
+        # count-like rows, and the agreement rows (they count sources: counts too)
+        is_count = np.ones(len(row_lengths), dtype=bool)
+        is_count[: len(flat)] = [c.counts for c in flat]
+        features = self._standardised_rows(raw, row_lengths, is_count)
+
+        # fused score: each cell's weighted feature summed into its item, in row order
+        row_query = np.concatenate((source_query, np.arange(batch)))
+        cell_item = np.arange(len(raw)) - (row_starts - bounds[row_query]).repeat(row_lengths)
+        fused = np.bincount(cell_item, weights=features * weight_of_row.repeat(row_lengths), minlength=len(union_slots))
+        # one row per query, padded with -inf; a score that is not a number never makes a list
+        by_query = np.full((batch, int(sizes.max())), -np.inf)
+        by_query[union_query, np.arange(len(union_slots)) - bounds[union_query]] = np.where(
+            np.isfinite(fused), fused, -np.inf
+        )
+        wanted = np.minimum([max(query.n_candidates, 0) for _, query, _ in kept], np.isfinite(by_query).sum(axis=1))
+        top_n = int(wanted.max())
+        # best first; ties in union (slot) order
+        top = (-by_query).argsort(axis=1, kind="stable")[:, :top_n]
+        listed = np.arange(top_n) < wanted[:, None]
+        top_items = bounds[:-1, None] + top  # places in the batch's unions
+
+        # Which sources proposed each listed item, strongest contribution first (for reasons):
+        # the (item, source) proposals of listed items, sorted by place in the lists, then by
+        # strength; ties keep the sources' order.
+        n_listed = int(wanted.sum())
+        place = np.full(len(union_slots), -1)
+        place[top_items[listed]] = np.arange(n_listed)
+        proposal_place = place[entry_item[proposals]]
+        proposals = proposals[proposal_place >= 0]
+        proposal_place = proposal_place[proposal_place >= 0]
+        strength = features[entry_cell[proposals]] * weight_of_row[entry_source[proposals]]
+        by_strength = entry_source[proposals[np.lexsort((-strength, proposal_place))]]
+        proposer_names = np.array([c.source for c in flat], dtype=object)[by_strength].tolist()
+        ends = np.bincount(proposal_place, minlength=n_listed).cumsum().tolist()
+        scored = [
+            Scored(slot, score, [], proposer_names[start:end])
+            for slot, score, start, end in zip(
+                union_slots[top_items[listed]].tolist(),
+                fused[top_items[listed]].tolist(),  # listed items' scores are finite
+                [0, *ends[:-1]],
+                ends,
+                strict=True,
             )
         ]
+        list_ends = wanted.cumsum().tolist()
+        for (index, _, _), start, end in zip(kept, [0, *list_ends[:-1]], list_ends, strict=True):
+            answers[index] = scored[start:end]
+        first_cells = row_starts[per_query.cumsum() - per_query]
+        agreement_cells = row_starts[len(flat) :]
+        self._remember_batch(
+            kept, segments, names, union_slots, bounds, features, first_cells, agreement_cells, top, wanted
+        )
+        return answers
+
+    @staticmethod
+    def _source_scores(lists: list[Candidates], union: np.ndarray) -> list[np.ndarray]:
+        """Each source's raw scores of one query's union; an unscored source's row is zero
+        (filled with rank gains later)."""
+        scores = [c.score_of(union) if c.score_of is not None else np.zeros(len(union)) for c in lists]
+        for c, row in zip(lists, scores, strict=True):
+            if len(row) != len(union):
+                raise ValueError(f"source {c.source}: score_of gave {len(row)} scores for {len(union)} items")
+        return scores
+
+    def _without(
+        self, failed: list[int], kept: list[tuple[int, Query, list[Candidates]]], answers: list[list[Scored] | None]
+    ) -> list[list[Scored] | None]:
+        """The batch fused again without the queries whose sources failed: those get no answer,
+        as one query alone would (logged and counted as a failure), and the others the lists
+        they get alone."""
+        if self._metrics is not None:
+            failures = self._metrics.plugin_failures.labels(plugin="fusion", hook="recsys_fuse_batch", kind="error")
+            failures.inc(len(failed))
+        left = [entry for q, entry in enumerate(kept) if q not in set(failed)]
+        for q in failed:
+            answers[kept[q][0]] = None
+        for (index, _, _), answer in zip(
+            left, self.recsys_fuse_batch([query for _, query, _ in left], [lists for _, _, lists in left]), strict=True
+        ):
+            answers[index] = answer
+        return answers
+
+    def _remember_batch(
+        self,
+        kept: list[tuple[int, Query, list[Candidates]]],
+        segments: list[str],
+        names: list[list[str]],
+        union_slots: np.ndarray,
+        bounds: np.ndarray,
+        features: np.ndarray,
+        first_cells: np.ndarray,
+        agreement_cells: np.ndarray,
+        top: np.ndarray,
+        wanted: np.ndarray,
+    ) -> None:
+        """Keeps each ranking of the batch to learn from the user's next event, in query order
+        (the order one query at a time would keep them, and draw their random negatives).
+        ``features``: the batch's rows, a query's sources' from ``first_cells[q]``, its
+        agreement's from ``agreement_cells[q]``."""
         # Only rankings of users the agent holds are remembered: a read for an unknown user
         # must not grow memory, and a user forgotten while an asynchronous source was awaited
         # must not come back here.
-        if query.user.event_count and (self._users is None or self._users.get(query.user.user_id) is query.user):
-            # negatives: the list the user was shown (its first k) and passed over, and a sample
-            # of the rest of the candidates
-            sample = (self._uniforms() * len(union)).astype(np.int64)
-            shown = sorted_unique(np.concatenate([top[: query.k], sample]))
-            self._remember(query.user.user_id, Ranking(segment, names, union, features.T.astype(np.float32), shown))
-        return ranked
+        chosen = [
+            q
+            for q, (_, query, _) in enumerate(kept)
+            if query.user.event_count and (self._users is None or self._users.get(query.user.user_id) is query.user)
+        ]
+        if not chosen:
+            return
+        sizes = np.diff(bounds)[chosen]
+        # negatives: the list the user was shown (its first k) and passed over, and a sample
+        # of the rest of the candidates; keyed by (ranking, position), deduplicated at once
+        sample = (self._uniforms(len(chosen)) * sizes[:, None]).astype(np.int64)
+        shown_n = np.minimum([kept[q][1].k for q in chosen], wanted[chosen])
+        head = top[chosen]
+        in_head = np.arange(head.shape[1]) < shown_n[:, None]
+        # a draw is below its union's size: the span is above every position
+        span = int(sizes.max()) + 1
+        owner = np.arange(len(chosen))[:, None] * span
+        keys = sorted_unique(np.concatenate([(head + owner)[in_head], (sample + owner).ravel()]))
+        shown_bounds = np.searchsorted(keys, np.arange(len(chosen) + 1) * span).tolist()
+        starts = zip(
+            chosen, sizes.tolist(), first_cells[chosen].tolist(), agreement_cells[chosen].tolist(), strict=True
+        )
+        for j, (q, size, start, agreement) in enumerate(starts):
+            sources = names[q]
+            # one row per feature, in single precision: a feature needs no more digits, and
+            # rankings are many
+            rows = np.concatenate(
+                (features[start : start + (len(sources) - 1) * size], features[agreement : agreement + size]),
+                dtype=np.float32,
+            )
+            ranking = Ranking(
+                segments[q],
+                sources,
+                union_slots[bounds[q] : bounds[q + 1]].copy(),
+                rows.reshape(len(sources), size),
+                keys[shown_bounds[j] : shown_bounds[j + 1]] - j * span,
+            )
+            self._remember(kept[q][1].user.user_id, ranking)
 
-    def _uniforms(self) -> np.ndarray:
+    def _uniforms(self, rankings: int) -> np.ndarray:
+        """``RANDOM_NEGATIVES`` uniform draws for each of ``rankings`` rankings, one row each: the
+        same draws, in the same order, whether the rankings come one by one or in a batch."""
         # drawn a few thousand at a time: one generator call per ranking costs more than the rest
-        if self._uniform_at + RANDOM_NEGATIVES > len(self._uniform_pool):
-            self._uniform_pool = self._rng.random(64 * RANDOM_NEGATIVES)
-            self._uniform_at = 0
-        self._uniform_at += RANDOM_NEGATIVES
-        return self._uniform_pool[self._uniform_at - RANDOM_NEGATIVES : self._uniform_at]
+        parts = []
+        while rankings:
+            if self._uniform_at + RANDOM_NEGATIVES > len(self._uniform_pool):
+                self._uniform_pool = self._rng.random(64 * RANDOM_NEGATIVES)
+                self._uniform_at = 0
+            take = min(rankings, (len(self._uniform_pool) - self._uniform_at) // RANDOM_NEGATIVES)
+            parts.append(self._uniform_pool[self._uniform_at : self._uniform_at + take * RANDOM_NEGATIVES])
+            self._uniform_at += take * RANDOM_NEGATIVES
+            rankings -= take
+        return np.concatenate(parts).reshape(-1, RANDOM_NEGATIVES)
 
     def _remember(self, user_id: str, ranking: Ranking) -> None:
         self.pending[user_id] = ranking
@@ -278,28 +510,87 @@ class LearnedFusion:
 
     @hookimpl(tryfirst=True)
     def recsys_apply_event(self, user: UserState, slot: int, signal: float) -> None:
-        # tryfirst: the chosen item's features must be read before the sources learn from it
-        ranking = self.pending.pop(user.user_id, None)
-        if ranking is None or signal <= 0:
+        """One event: a batch of one (the runner calls ``recsys_apply_events``)."""
+        self.recsys_apply_events([user], [slot], [signal])
+
+    @hookimpl(tryfirst=True)
+    def recsys_apply_events(self, users: list[UserState], slots: list[int], signals: list[float]) -> None:
+        """One pairwise step per event whose item was among its user's last candidates.
+
+        tryfirst: the chosen items' features must be read before the sources learn from them.
+        Every event's pairs are gathered at once; the steps themselves are taken one event
+        after the other, in stream order, as each starts from the weights the one before left
+        in its segment."""
+        chosen: list[tuple[Ranking, int]] = []
+        for user, slot, signal in zip(users, slots, signals, strict=True):
+            ranking = self.pending.pop(user.user_id, None)
+            if ranking is None or signal <= 0:
+                continue
+            position = int(ranking.union.searchsorted(slot))
+            if position < len(ranking.union) and ranking.union[position] == slot:
+                chosen.append((ranking, position))
+        # (segment, sources) of each ranking that teaches something, with its pairs
+        steps = [
+            ((ranking.segment, tuple(ranking.sources)), differences)
+            for (ranking, _), differences in zip(chosen, self._differences(chosen), strict=True)
+            if differences is not None
+        ]
+        if not steps:
             return
-        position = int(np.searchsorted(ranking.union, slot))
-        if position >= len(ranking.union) or ranking.union[position] != slot:
-            return
-        positive = ranking.features[position].astype(np.float64)
-        negatives = ranking.features[ranking.shown[ranking.shown != position]].astype(np.float64)
-        if len(negatives) == 0:
-            return
-        weights = self._weights(ranking.segment, ranking.sources)
-        differences = positive[None, :] - negatives
-        margins = differences @ weights
-        # logistic pairwise loss: pairs already ordered well barely move the weights
-        pull = 1.0 / (1.0 + np.exp(np.clip(margins, -30, 30)))
-        step = self.learning_rate * (pull @ differences) / len(negatives) - self.learning_rate * L2 * weights
-        updated = weights + step
-        table = self.weights[ranking.segment]
-        for source, value in zip(ranking.sources, updated.tolist(), strict=True):
-            table[source] = value
-        self.feedbacks += 1
+        # For the call, each segment's weights in one array (written back to its table at the
+        # end) and each layout's places in it: a step reads and writes its weights with one
+        # gather and one scatter, not a dict access per source.
+        layouts = list(dict.fromkeys(layout for layout, _ in steps))
+        for segment, sources in layouts:
+            # a source new to the segment starts at its initial weight
+            self._weight_list(segment, list(sources))
+        arrays = {segment: np.array(list(self.weights[segment].values())) for segment, _ in layouts}
+        index = {segment: {s: i for i, s in enumerate(self.weights[segment])} for segment in arrays}
+        places = {(segment, sources): np.array([index[segment][s] for s in sources]) for segment, sources in layouts}
+        rate, decay = self.learning_rate, self.learning_rate * L2
+        for (segment, sources), differences in steps:
+            values, place = arrays[segment], places[segment, sources]
+            weights = values[place]
+            # Elementwise products and sums, not matrix products: the same numbers whichever
+            # batch the pairs came in (a BLAS kernel may add in another order on another
+            # block). The arrays are tiny: ufuncs called directly, without numpy's wrappers.
+            margins = np.add.reduce(differences * weights, axis=1)
+            # logistic pairwise loss: pairs already ordered well barely move the weights
+            pull = 1.0 / (1.0 + np.exp(np.minimum(np.maximum(margins, -30.0), 30.0)))
+            gradient = np.add.reduce(differences * pull[:, None], axis=0)
+            values[place] = weights + (rate * gradient / len(differences) - decay * weights)
+        for segment, values in arrays.items():
+            table = self.weights[segment]
+            table.update(zip(list(table), values.tolist(), strict=True))
+        self.feedbacks += len(steps)
+
+    @staticmethod
+    def _differences(chosen: list[tuple[Ranking, int]]) -> list[np.ndarray | None]:
+        """For each (ranking, position of the chosen item): the chosen item's features minus
+        those of each negative (the shown and sampled items but itself), in double precision;
+        None where it has no negative. Gathered for all rankings of one width at once."""
+        out: list[np.ndarray | None] = [None] * len(chosen)
+        by_width: dict[int, list[int]] = {}
+        for i, (ranking, _) in enumerate(chosen):
+            by_width.setdefault(len(ranking.features), []).append(i)
+        for group in by_width.values():
+            rankings = [chosen[i][0] for i in group]
+            features = np.concatenate([r.features for r in rankings], axis=1)
+            starts = np.cumsum([0] + [len(r.union) for r in rankings[:-1]])
+            positions = np.array([chosen[i][1] for i in group]) + starts
+            shown = np.concatenate([r.shown for r in rankings])
+            owner = np.arange(len(group)).repeat([len(r.shown) for r in rankings])
+            shown = shown + starts[owner]
+            negative = shown != positions[owner]
+            owner = owner[negative]
+            # one row per pair, one column per feature
+            chosen_minus_negative = features[:, positions[owner]].astype(np.float64) - features[:, shown[negative]]
+            differences = np.ascontiguousarray(chosen_minus_negative.T)
+            ends = np.bincount(owner, minlength=len(group)).cumsum().tolist()
+            for i, lo, hi in zip(group, [0, *ends[:-1]], ends, strict=True):
+                if hi > lo:
+                    out[i] = differences[lo:hi]
+        return out
 
     @hookimpl
     def recsys_forget_user(self, user_id: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from agent.context import AgentContext
 from agent.hooks.specs import hookimpl
@@ -15,11 +14,7 @@ class NatsPublisher:
         self.ctx: AgentContext | None = None
 
     @hookimpl
-    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
-        return self._attach(ctx)
-
-    @asynccontextmanager
-    async def _attach(self, ctx: AgentContext) -> AsyncIterator[None]:
+    async def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
         self.ctx = ctx
         try:
             yield

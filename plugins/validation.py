@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from agent.context import AgentContext
 from agent.hooks.specs import hookimpl
 from agent.pipeline.catalog import Catalog
 from agent.wire.contract import Event
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationOptions:
+    max_future_skew_s: float = 86_400.0
+    rating_min: float = 0.0
+    rating_max: float | None = None  # None: the agent's rating_max setting
 
 
 class EventValidation:
@@ -26,16 +33,12 @@ class EventValidation:
         self.rating_max = 10.0
 
     @hookimpl
-    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None] | None:
-        return self._configure(ctx)
-
-    @asynccontextmanager
-    async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
-        options = ctx.options("event_validation")
-        self.max_future_skew_s = float(options.get("max_future_skew_s", self.max_future_skew_s))
-        self.rating_min = float(options.get("rating_min", self.rating_min))
+    async def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        options = ctx.options("event_validation", ValidationOptions)
+        self.max_future_skew_s = options.max_future_skew_s
+        self.rating_min = options.rating_min
         # the agent's rating scale unless this plugin is told otherwise
-        self.rating_max = float(options.get("rating_max", ctx.settings.rating_max))
+        self.rating_max = ctx.settings.rating_max if options.rating_max is None else options.rating_max
         yield
 
     @hookimpl

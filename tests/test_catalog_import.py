@@ -13,6 +13,7 @@ from agent.cli.catalog_import import CatalogImportError, embed_items, publish_it
 from agent.cli.main import main
 from agent.config import Settings, load_settings
 from agent.evaluation.datasets import DatasetError, read_items
+from agent.pipeline.extras import ITEM_VECTORS
 from agent.vectors.qdrant_store import VectorStore
 
 
@@ -40,7 +41,7 @@ async def test_import_embeds_publishes_and_the_agent_embeds_nothing_again(
     async with Agent(settings) as agent:
         await agent.pipeline.settle()
         assert agent.pipeline.catalog.active_count() == 40
-        assert agent.pipeline.context.extras["item_vectors"].count == 40
+        assert agent.pipeline.context.extras[ITEM_VECTORS].count == 40
     assert embed_calls == []
 
 

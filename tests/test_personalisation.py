@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from agent.app import Agent
-from agent.config import Settings, load_settings
+from agent.config import ConfigError, Settings, load_settings
 from agent.context import AgentContext
 from agent.hooks.manager import get_plugin_manager
 from agent.hooks.specs import hookimpl
 from agent.pipeline.catalog import Catalog
+from agent.pipeline.extras import ITEM_VECTORS, PROFILE
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.user_state import UserState, UserStore
 from agent.pipeline.values import Candidates, Query, Scored
@@ -88,7 +89,7 @@ def ev(n: int, user: str, item: str, kind: str = "view", value: float | None = N
 async def sources_for(pipeline: Pipeline, user: str) -> dict[str, Candidates]:
     query = pipeline.make_query(user, 5)
     found: dict[str, Candidates] = {}
-    for _, answer in await pipeline.hooks.call_all("recsys_candidates", query=query):
+    for _, answer in await pipeline.hooks.call("recsys_candidates", query=query):
         for cands in answer if isinstance(answer, list) else [answer]:
             found[cands.source] = cands
     return found
@@ -133,7 +134,7 @@ async def test_unchanged_items_are_not_embedded_again_even_after_a_restart(
     calls.clear()
     async with pipeline_on(tmp_path, items=[changed, *FILMS[1:]]) as pipeline:
         assert calls == [], "vectors come back from Qdrant, not from the model"
-        assert pipeline.context.extras["item_vectors"].count == len(FILMS)
+        assert pipeline.context.extras[ITEM_VECTORS].count == len(FILMS)
 
 
 async def test_deleted_item_leaves_qdrant_and_the_lists(tmp_path: Path) -> None:
@@ -175,7 +176,7 @@ async def test_an_llm_profile_becomes_a_query_held_with_the_user(tmp_path: Path)
     async with pipeline_on(tmp_path) as pipeline:
         await pipeline.apply_event(ev(0, "cy", "notting"))
         user = pipeline.users.get("cy")
-        user.extras["profile"] = {
+        user.extras[PROFILE] = {
             "source": "llm",
             "summary": "Loves space exploration films",
             "interests": ["astronauts", "planets"],
@@ -372,7 +373,7 @@ def test_diversity_uses_cosines_only_when_every_item_has_a_vector(tmp_path: Path
     vectors = ItemVectors(2)
     vectors.set([a, c, b], np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32), ["ha", "hc", "hb"])
     ctx = AgentContext(settings=offline(tmp_path), catalog=catalog, users=UserStore(10, 10), metrics=Metrics())
-    ctx.extras["item_vectors"] = vectors
+    ctx.extras[ITEM_VECTORS] = vectors
     diversity = Diversity()
     diversity.ctx, diversity.trade_off = ctx, 0.5
     query = Query(user=UserState("u", deque()), k=2, now=0.0, catalog=catalog, n_candidates=6)
@@ -567,15 +568,16 @@ async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settin
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"search": "fast"}, "search must be one of scan, neighbours, not 'fast'"),
-        ({"search": "neighbours", "neighbours": "32"}, "neighbours must be a whole number of at least 1, not '32'"),
-        ({"neighbours": 0}, "neighbours must be a whole number of at least 1, not 0"),
+        ({"search": "fast"}, r"\[plugins.content\] option 'search' must be one of scan, neighbours"),
+        ({"search": "neighbours", "neighbours": "32"}, r"option 'neighbours' must be an integer, got '32'"),
+        ({"neighbours": 0}, r"option 'neighbours' must be at least 1"),
+        ({"serach": "scan"}, r"\[plugins.content\] has no option 'serach'"),
     ],
 )
 async def test_bad_content_options_stop_the_start_with_their_names(
     tmp_path: Path, options: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         async with pipeline_on(tmp_path, plugins={"content": options}):
             pass  # entering is the test
 

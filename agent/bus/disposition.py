@@ -1,7 +1,7 @@
 """Message disposition: whether a consumed message is acked, retried or dead-lettered.
 
 This is the only module that decides. Consumers report what happened to a message and
-:func:`decide` answers; :class:`Settler` carries the answer out. A dead letter is stored in
+:func:`decide` answers; :class:`Disposer` carries the answer out. A dead letter is stored in
 JetStream before the original is acknowledged, so a rejected message is never lost.
 """
 
@@ -65,7 +65,7 @@ def dead_letter_body(reason: str, subject: str, payload: bytes) -> bytes:
     return orjson.dumps({"reason": reason, "subject": subject, "payload": text})
 
 
-class Settler:
+class Disposer:
     def __init__(self, js: JetStreamContext, dlq_subject: str, metrics: Metrics) -> None:
         self.js = js
         self.dlq_subject = dlq_subject
@@ -76,7 +76,7 @@ class Settler:
         self.metrics.dead_letters.labels(source=source).inc()
         log.info("dead-lettered a message from %s: %s", subject, reason)
 
-    async def settle(self, msg: Msg, verdict: Verdict, source: str) -> None:
+    async def dispose(self, msg: Msg, verdict: Verdict, source: str) -> None:
         if verdict.disposition is Disposition.ACK:
             await msg.ack()
         elif verdict.disposition is Disposition.DEAD_LETTER:

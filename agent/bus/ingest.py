@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -21,10 +22,10 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
-from agent.bus.disposition import Settler, decide
+from agent.bus.disposition import Disposer, decide
 from agent.config import Settings
 from agent.pipeline.pipeline import ApplyOutcome, Pipeline
-from agent.wire.contract import InvalidMessage, decode_json, parse_event, parse_event_subject, parse_items
+from agent.wire.contract import Event, InvalidMessage, decode_json, parse_event, parse_event_subject, parse_items
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,12 @@ REBUILD_IDLE_TIMEOUT_S = 5.0
 MAX_REBUILD_REPORTS = 5
 # a drain waits for messages already delivered to this agent; when the bus is gone it gives up
 DRAIN_TIMEOUT_S = 3.0
+# the events consumer asks for what is there (no_wait) and gives up on that almost at once;
+# then it waits for the next message with a long poll, answered the moment one arrives
+IDLE_PROBE_S = 0.01
+IDLE_WAIT_S = 5.0
+FETCH_RETRY_S = 0.1
+FETCH_RETRY_MAX_S = 5.0
 
 
 async def drain_bounded(sub: Subscription) -> None:
@@ -122,23 +129,24 @@ class Ingestor:
         settings: Settings,
         js: JetStreamContext,
         pipeline: Pipeline,
-        settler: Settler,
+        disposer: Disposer,
         on_applied: Callable[[str, str], None],
     ) -> None:
         self.settings = settings
         self.js = js
         self.pipeline = pipeline
-        self.settler = settler
+        self.disposer = disposer
         self.subjects = Subjects.from_settings(settings)
         self.on_applied = on_applied
         self.rebuilt_up_to: dict[str, int] = {}
         self.stopping = False
         self.undelivered = 0
+        # messages fetched and not yet disposed of (acked, retried or dead-lettered)
+        self.in_hand = 0
         self.rebuild_failures = 0
 
-    async def _apply_event_message(self, msg: Msg) -> tuple[str, str] | None:
-        """Apply one event message; returns (user_id, event key) when a push is owed."""
-        meta = msg.metadata
+    def _parse_event_message(self, msg: Msg) -> Event:
+        """The event a message carries; raises InvalidMessage with the reason it cannot be one."""
         # The stream takes any subject under '<prefix>.events.>'; only the contract's shape is
         # applied, anything else is dead-lettered naming the subject to use.
         subject = parse_event_subject(self.settings.subject_prefix, msg.subject)
@@ -148,11 +156,31 @@ class Ingestor:
         stored_at = _stored_at(msg)
         event = parse_event(obj, now=stored_at, event_type=subject.type)
         event.received_at = stored_at
-        seq = meta.sequence.stream
-        outcome = await self.pipeline.apply_event(event, seq)
-        if outcome is ApplyOutcome.DUPLICATE:
-            return None
-        return event.user_id, event.id if event.id is not None else f"seq:{seq}"
+        return event
+
+    async def _apply_event_messages(self, msgs: list[Msg]) -> list[tuple[str, str] | Exception | None]:
+        """Apply a batch of event messages in stream order; per message: (user_id, event key)
+        when a push is owed, None when not (a duplicate), or the exception that kept it from
+        being applied."""
+        results: list[tuple[str, str] | Exception | None] = []
+        batch: list[tuple[Event, int]] = []
+        parsed_at: list[int] = []
+        for msg in msgs:
+            try:
+                event = self._parse_event_message(msg)
+            except Exception as exc:
+                results.append(exc)
+                continue
+            parsed_at.append(len(results))
+            results.append(None)
+            batch.append((event, msg.metadata.sequence.stream))
+        outcomes = await self.pipeline.apply_events(batch)
+        for position, (event, seq), outcome in zip(parsed_at, batch, outcomes):
+            if isinstance(outcome, Exception):
+                results[position] = outcome
+            elif outcome is not ApplyOutcome.DUPLICATE:
+                results[position] = (event.user_id, event.id if event.id is not None else f"seq:{seq}")
+        return results
 
     async def _apply_catalog_message(self, msg: Msg) -> None:
         obj = decode_json(msg.data, 8 * 1024 * 1024)
@@ -164,25 +192,63 @@ class Ingestor:
             # the stream's time: an item rebuilt after a restart keeps the day it was added
             await self.pipeline.upsert_items(parse_items(obj), ts=_stored_at(msg))
 
-    async def on_event(self, msg: Msg) -> None:
-        if self.stopping:
-            # Handed straight back: redelivered at once to whichever agent runs next, instead
-            # of holding the shutdown or waiting out ack_wait.
-            await msg.nak()
-            return
-        self.pipeline.metrics.events_received.inc()
-        error: BaseException | None = None
-        owed: tuple[str, str] | None = None
+    async def on_events(self, msgs: list[Msg]) -> None:
+        """Apply a fetched batch, then dispose of every message of it (acks sent together) and owe
+        the pushes: a message is acknowledged only after it has been applied."""
+        self.pipeline.metrics.events_received.inc(len(msgs))
+        self.pipeline.metrics.apply_batch_size.observe(len(msgs))
+        # the stream's messages not yet delivered to this consumer, as of the batch's last
+        self.undelivered = msgs[-1].metadata.num_pending
+        self.in_hand = len(msgs)
         try:
-            # the stream's messages not yet delivered to this consumer, as of this one (set
-            # first, so that a last message that fails or is a duplicate still updates it)
-            self.undelivered = msg.metadata.num_pending
-            owed = await self._apply_event_message(msg)
+            results = await self._apply_event_messages(msgs)
         except Exception as exc:
-            error = exc
-        await self._settle(msg, error, "events")
-        if owed is not None and error is None:
-            self.on_applied(*owed)
+            # the batch as a whole failed (nothing of it is acknowledged): each is retried
+            results = [exc] * len(msgs)
+        finally:
+            self.in_hand = 0
+        for msg, result in zip(msgs, results):
+            await self._dispose(msg, result if isinstance(result, Exception) else None, "events")
+        for result in results:
+            if isinstance(result, tuple):
+                self.on_applied(*result)
+
+    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """What the stream holds for this consumer now, up to ``fetch_batch`` messages, without
+        waiting for a batch to fill; when it holds nothing, wait for the next message."""
+        # (nats-py raises its own TimeoutError or asyncio's, both builtin TimeoutErrors)
+        with suppress(TimeoutError):
+            # no_wait first: answers at once with what is there
+            return await sub.fetch(self.settings.fetch_batch, timeout=IDLE_PROBE_S)
+        with suppress(TimeoutError):
+            # one message returns as soon as it arrives; the next round takes what followed it
+            return await sub.fetch(1, timeout=IDLE_WAIT_S)
+        return []
+
+    async def _consume_events(self, sub: JetStreamContext.PullSubscription) -> None:
+        failures = 0
+        while not self.stopping:
+            try:
+                msgs = await self._fetch(sub)
+            except Exception as exc:
+                # the bus reconnecting, a consumer being recreated: nothing was taken, so
+                # nothing is lost; ask again after a pause that grows while it lasts
+                failures += 1
+                delay = min(FETCH_RETRY_MAX_S, FETCH_RETRY_S * 2 ** min(failures - 1, 10))
+                log.warning("fetching events failed (%s); again in %.1f s", exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if self.stopping:
+                # fetched as the stop came (a cancel that a finishing wait swallowed): handed
+                # back for at once redelivery
+                for msg in msgs:
+                    await msg.nak()
+                return
+            if msgs:
+                await self.on_events(msgs)
+            # the push worker and the catalog consumer run between batches
+            await asyncio.sleep(0)
 
     async def on_catalog(self, msg: Msg) -> None:
         if self.stopping:
@@ -193,22 +259,22 @@ class Ingestor:
             await self._apply_catalog_message(msg)
         except Exception as exc:
             error = exc
-        await self._settle(msg, error, "catalog")
+        await self._dispose(msg, error, "catalog")
 
-    async def _settle(self, msg: Msg, error: BaseException | None, source: str) -> None:
+    async def _dispose(self, msg: Msg, error: BaseException | None, source: str) -> None:
         if error is not None and not isinstance(error, InvalidMessage):
             log.exception("could not apply a message from %s", msg.subject, exc_info=error)
         verdict = decide(error, msg.metadata.num_delivered, self.settings.max_deliver)
         try:
-            await self.settler.settle(msg, verdict, source)
+            await self.disposer.dispose(msg, verdict, source)
         except Exception:
             # Not acked: JetStream redelivers after ack_wait and the dedup check absorbs it.
-            log.exception("could not settle a message from %s", msg.subject)
+            log.exception("could not dispose of a message from %s", msg.subject)
 
     async def rebuild(self) -> None:
         """Replay both streams into the pipeline: catalog first, then events."""
         await self._replay(self.settings.catalog_stream_name, self._rebuild_catalog)
-        count = await self._replay(self.settings.stream_name, self._rebuild_event)
+        count = await self._replay(self.settings.stream_name, self._rebuild_events, batched=True)
         self.pipeline.metrics.events_rebuilt.inc(count)
         if self.rebuild_failures:
             log.error("%d messages could not be applied while rebuilding and were skipped", self.rebuild_failures)
@@ -216,8 +282,12 @@ class Ingestor:
     async def _rebuild_catalog(self, msg: Msg) -> None:
         await self._rebuild_one(msg, self._apply_catalog_message)
 
-    async def _rebuild_event(self, msg: Msg) -> None:
-        await self._rebuild_one(msg, self._apply_event_message)
+    async def _rebuild_events(self, msgs: list[Msg]) -> None:
+        for msg, result in zip(msgs, await self._apply_event_messages(msgs)):
+            if isinstance(result, Exception) and not isinstance(result, InvalidMessage):
+                # dead-lettered (or retried) on its first pass; one message must not stop
+                # every later start
+                self._report_rebuild_failure(msg, result)
 
     async def _rebuild_one(self, msg: Msg, apply: Callable[[Msg], Awaitable[object]]) -> None:
         # One that fails otherwise than as invalid (it was retried and dead-lettered, or a
@@ -227,12 +297,22 @@ class Ingestor:
             await apply(msg)
         except InvalidMessage:
             return  # dead-lettered with its reason on its first pass: skipped quietly
-        except Exception:
-            self.rebuild_failures += 1
-            if self.rebuild_failures <= MAX_REBUILD_REPORTS:
-                log.exception("skipped message %d of %s while rebuilding", msg.metadata.sequence.stream, msg.subject)
+        except Exception as exc:
+            self._report_rebuild_failure(msg, exc)
 
-    async def _replay(self, stream: str, apply: Callable[[Msg], object]) -> int:
+    def _report_rebuild_failure(self, msg: Msg, error: Exception) -> None:
+        self.rebuild_failures += 1
+        if self.rebuild_failures <= MAX_REBUILD_REPORTS:
+            log.error(
+                "skipped message %d of %s while rebuilding",
+                msg.metadata.sequence.stream,
+                msg.subject,
+                exc_info=error,
+            )
+
+    async def _replay(self, stream: str, apply: Callable[[Any], Awaitable[object]], batched: bool = False) -> int:
+        """Apply every message the stream holds now, in order: one at a time, or (``batched``)
+        in lists of what has arrived, up to ``fetch_batch``."""
         info = await self.js.stream_info(stream)
         last = info.state.last_seq
         self.rebuilt_up_to[stream] = last
@@ -248,6 +328,7 @@ class Ingestor:
             manual_ack=True,
         )
         count = 0
+        pending: list[Msg] = []
         try:
             while True:
                 try:
@@ -258,14 +339,54 @@ class Ingestor:
                 seq = msg.metadata.sequence.stream
                 if seq > last:
                     break
-                await apply(msg)  # type: ignore[misc]
+                pending.append(msg)
                 count += 1
+                # a batch is what has arrived, never waited for
+                if not batched or seq >= last or len(pending) >= self.settings.fetch_batch or not sub.pending_msgs:
+                    await apply(pending if batched else msg)
+                    pending = []
                 if seq >= last:
                     break
+            if pending:
+                await apply(pending)
         finally:
             await sub.unsubscribe()
         log.info("rebuilt %d messages of stream %s in %.2f s", count, stream, time.perf_counter() - started)
         return count
+
+    async def _stop_consumer(self, consumer: asyncio.Task[None]) -> None:
+        # A batch in hand is applied and disposed of first; a wait for messages is cancelled, as
+        # often as it takes: asyncio.wait_for (inside nats-py's fetch) can swallow a cancel
+        # that comes as its wait ends, and the loop then stops at its check of `stopping`.
+        while not consumer.done():
+            if not self.in_hand:
+                consumer.cancel()
+            await asyncio.wait({consumer}, timeout=0.05)
+        with suppress(asyncio.CancelledError):
+            await consumer
+
+    async def _hand_back(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Messages a pull request delivered after the last fetch: handed straight back, so that
+        they are redelivered at once to whichever agent runs next, not after ack_wait."""
+        with suppress(Exception):
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                for msg in await sub.fetch(self.settings.fetch_batch, timeout=IDLE_PROBE_S):
+                    await msg.nak()
+
+    async def _ensure_pull_consumer(self) -> None:
+        """A durable push consumer left by an earlier version becomes a pull consumer that
+        starts after what the old one had acknowledged (what follows is applied again, once:
+        the deduplicator and the ack-after-apply rule make that safe)."""
+        try:
+            info = await self.js.consumer_info(self.settings.stream_name, self.settings.consumer_name)
+        except NotFoundError:
+            return
+        if not info.config.deliver_subject:
+            return
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        await self.js.delete_consumer(self.settings.stream_name, self.settings.consumer_name)
+        self.rebuilt_up_to[self.settings.stream_name] = max(floor, 0)
+        log.info("consumer %s was a push consumer: now a pull consumer from sequence %d", info.name, floor + 1)
 
     def _consumer_config(self, stream: str, max_ack_pending: int) -> api.ConsumerConfig:
         """The durable consumer's configuration, used only when it does not exist yet (an
@@ -295,22 +416,26 @@ class Ingestor:
             manual_ack=True,
             config=self._consumer_config(self.settings.catalog_stream_name, 1_000),
         )
-        events_sub = await self.js.subscribe(
+        await self._ensure_pull_consumer()
+        events_sub = await self.js.pull_subscribe(
             self.subjects.events,
             durable=self.settings.consumer_name,
             stream=self.settings.stream_name,
-            cb=self.on_event,
-            manual_ack=True,
             config=self._consumer_config(self.settings.stream_name, self.settings.max_ack_pending),
         )
-        # waiting here, and still in the stream for this consumer
+        # fetched and not applied yet, and still in the stream for this consumer
         self.undelivered = 0
-        self.pipeline.context.backlog = lambda: events_sub.pending_msgs + self.undelivered
+        self.pipeline.context.backlog = lambda: self.in_hand + self.undelivered
+        consumer = asyncio.create_task(self._consume_events(events_sub), name="events-consumer")
         try:
             yield
         finally:
             self.pipeline.context.backlog = lambda: 0
-            # Stop taking work; what is buffered here goes back to JetStream unacknowledged.
+            # Stop taking work: a batch being applied finishes and is disposed of (the task is
+            # cancelled only between batches, at its fetch or its yield).
             self.stopping = True
-            for sub in (events_sub, catalog_sub):
-                await drain_bounded(sub)
+            await self._stop_consumer(consumer)
+            await self._hand_back(events_sub)
+            await drain_bounded(catalog_sub)
+            with suppress(Exception):
+                await events_sub.unsubscribe()

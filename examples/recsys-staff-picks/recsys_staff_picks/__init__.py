@@ -8,11 +8,18 @@ agent's TOML file, ``[plugins.staff_picks] reason = "..."``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
 from agent import AgentContext, Candidates, Item, Query, hookimpl
+
+
+@dataclass(frozen=True)
+class StaffPicksOptions:
+    """``[plugins.staff_picks]`` in the agent's TOML file; an unknown key stops the start."""
+
+    reason: str = "picked by our editors"
 
 
 class StaffPicks:
@@ -21,12 +28,9 @@ class StaffPicks:
         self.reason = "picked by our editors"
 
     @hookimpl
-    def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
-        return self._configure(ctx)
-
-    @asynccontextmanager
-    async def _configure(self, ctx: AgentContext) -> AsyncIterator[None]:
-        self.reason = str(ctx.options("staff_picks").get("reason", self.reason))
+    async def recsys_lifespan(self, ctx: AgentContext) -> AsyncIterator[None]:
+        # setup before the yield, teardown (none here) after it
+        self.reason = ctx.options("staff_picks", StaffPicksOptions).reason
         yield
 
     @hookimpl
