@@ -21,8 +21,7 @@ from agent.wire.contract import (
     parse_items,
     parse_timestamp,
 )
-
-from .conftest import Client
+from tests.builders import Client
 
 
 def nested(depth: int) -> dict[str, Any]:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
-import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,49 +14,31 @@ import aiohttp
 import pytest
 
 from agent.app import Agent
-from agent.bus.embedded_server import Credentials, RunningServer, find_binary
+from agent.bus.embedded_server import Credentials, RunningServer
 from agent.cli import main as cli
 from agent.config import ConfigError, Settings, load_settings, redact_url
-
-from .conftest import make_settings
+from tests.builders import make_settings
+from tests.processes import nats_server
 
 PASSWORD = "pw-Zq8-never-shown"
 TOKEN = "tok-Xr4-never-shown"
 API_KEY = "key-Lm2-never-shown"
 HTTP_KEY = "http-key-Vb7-never-shown"
-_LISTENING = re.compile(r"Listening for client connections on [^:]+:(\d+)")
-
-
-def _start_server(tmp: Path, *auth: str) -> Iterator[int]:
-    """A real nats-server that asks for credentials; yields its port."""
-    process = subprocess.Popen(
-        [find_binary(), "--addr", "127.0.0.1", "--port", "-1", "--jetstream", "--store_dir", str(tmp), *auth],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    port = None
-    for line in process.stderr:
-        match = _LISTENING.search(line)
-        if match:
-            port = int(match.group(1))
-        if "Server is ready" in line:
-            break
-    assert port is not None, "nats-server did not start"
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # type: ignore[union-attr]
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    yield from _start_server(tmp_path_factory.mktemp("nats-pw"), "--user", "alice", "--pass", PASSWORD)
+    # a real nats-server that asks for credentials
+    store = tmp_path_factory.mktemp("nats-pw")
+    with nats_server("--jetstream", "--store_dir", str(store), "--user", "alice", "--pass", PASSWORD) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    yield from _start_server(tmp_path_factory.mktemp("nats-token"), "--auth", TOKEN)
+    store = tmp_path_factory.mktemp("nats-token")
+    with nats_server("--jetstream", "--store_dir", str(store), "--auth", TOKEN) as port:
+        yield port
 
 
 def test_redact_url_hides_passwords_and_tokens() -> None:

@@ -17,8 +17,7 @@ from agent.config import Settings
 from agent.hooks.specs import hookimpl
 from agent.wire.contract import Event
 from agent.wire.user_tokens import user_token
-
-from .conftest import Client, catalog, make_settings
+from tests.builders import Client, catalog, make_settings
 
 
 async def _applied(agent: Agent) -> float:

@@ -6,72 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
 from typing import Any
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from agent.config import ConfigError, load_settings
+from agent.config import ConfigError
 from agent.hooks.manager import get_plugin_manager
 from agent.llm.chat_client import LLMOutputError, LLMRejected, LLMUnavailable
 from agent.llm.circuit_breaker import BreakerState, CircuitBreaker
 from agent.llm.profiles import PROFILE_KEY, profile_text
 from agent.llm.prompts import HistoryEntry
-from agent.llm.scheduler import BUSY_PAUSE_S, HistorySnapshot, SummaryScheduler
+from agent.llm.scheduler import BUSY_PAUSE_S, SummaryScheduler
 from agent.llm.summarisers import heuristic_fields
 from agent.llm.summary_metrics import SummaryMetrics
 from agent.llm.summary_options import SummaryOptions
 from agent.pipeline.pipeline import Pipeline
-from agent.pipeline.user_state import Interaction, UserState
 from agent.wire.contract import Event, Item
-from plugins.summariser import COVERED
-
-from .llm_server import serving
+from tests.builders import offline_settings
+from tests.llm.fakes import Users
+from tests.llm.llm_server import serving
 
 ANSWER = {"interests": ["space opera"], "avoid": [], "summary": "Likes space opera."}
-
-
-class Users:
-    """A ProfileSource over plain UserStates, as the plugin provides one over the UserStore."""
-
-    def __init__(self) -> None:
-        self.users: dict[str, UserState] = {}
-        self.stored: list[tuple[str, dict[str, Any]]] = []
-
-    def add_events(self, user_id: str, n: int = 1) -> int:
-        user = self.users.setdefault(user_id, UserState(user_id=user_id, recent=deque(maxlen=50)))
-        for _ in range(n):
-            user.recent.append(Interaction(slot=0, type="view", ts=0.0, signal=1.0))
-            user.event_count += 1
-        return self.unsummarised(user_id)
-
-    def snapshot(self, user_id: str) -> HistorySnapshot | None:
-        user = self.users.get(user_id)
-        if user is None:
-            return None
-        entries = [
-            HistoryEntry(title=f"Film {i}", categories=("Sci-Fi",), event="view") for i in range(len(user.recent))
-        ]
-        return HistorySnapshot(
-            entries=entries, event_count=user.event_count, has_profile=PROFILE_KEY in user.extras, owner=user
-        )
-
-    def unsummarised(self, user_id: str) -> int:
-        user = self.users.get(user_id)
-        if user is None:
-            return 0
-        return user.event_count - int(user.extras.get(COVERED, 0))  # type: ignore[call-overload]
-
-    def store(self, user_id: str, snapshot: HistorySnapshot, profile: dict[str, Any], *, final: bool) -> None:
-        user = self.users.get(user_id)
-        if user is None or user is not snapshot.owner:
-            return
-        if final:
-            user.extras[COVERED] = snapshot.event_count
-        user.extras[PROFILE_KEY] = profile
-        self.stored.append((user_id, profile))
 
 
 class ScriptedLLM:
@@ -377,7 +334,7 @@ def test_api_key_comes_from_the_named_environment_variable() -> None:
 
 async def pipeline_with_summariser(**plugin_options: Any) -> Pipeline:
     # Content retrieval (embeddings) is left out: these tests are about the summariser alone.
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "disabled_plugins": "content"})
+    settings = offline_settings(disabled_plugins="content")
     settings.plugins = {"summariser": {"refresh_after_events": 2, "refresh_after_s": 60.0, **plugin_options}}
     return Pipeline(settings, get_plugin_manager(settings))
 

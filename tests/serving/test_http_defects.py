@@ -19,8 +19,7 @@ from nats.js import api
 from agent.app import Agent
 from agent.bus.ingest import ensure_streams
 from agent.config import Settings
-
-from .conftest import Client
+from tests.builders import Client
 
 
 async def _stored(client: Client, settings: Settings) -> int:

@@ -2,7 +2,7 @@
 give: the same candidates (slots, scores, reasons, scores of other items) for every query of a
 batch, and the same learned state after a batch of events as after those events one at a time.
 
-``tests/test_batching.py`` checks the whole pipeline; these check each stage on its own, on
+``tests/pipeline/test_batching.py`` checks the whole pipeline; these check each stage on its own, on
 queries chosen to take every path of the batch forms (new users, excluded items, categories,
 users who excluded most of the popular items).
 """
@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 
 from agent import Event, Item
-from agent.config import load_settings
 from agent.hooks.manager import get_plugin_manager
 from agent.llm.profiles import PROFILE_KEY
 from agent.llm.summary_options import SummaryOptions
@@ -35,6 +34,7 @@ from agent.pipeline.values import Candidates, Query, Scored
 from plugins.item_to_item import QUERY_ITEMS, RECENCY, TRANSITION_STEPS, ItemToItem, Neighbours
 from plugins.summariser import Summariser
 from plugins.trending import DecayedCounts, Trending
+from tests.builders import offline_settings
 
 SHELVES = ("garden", "kitchen", "camping", "books", "toys", "music", "tools", "bath")
 KINDS = ("view", "view", "view", "click", "add_to_cart", "purchase", "like", "dislike", "skip", "rate")
@@ -70,14 +70,8 @@ async def shop_pipeline(tmp_path: Path) -> AsyncIterator[Pipeline]:
     """The built-in sources without the content model (not what this is about), on a catalog of
     old items, items new within the freshness window and one deleted item, after a stream of
     events applied in batches."""
-    settings = load_settings(
-        env={},
-        overrides={
-            "load_entry_points": False,
-            "data_dir": str(tmp_path),
-            "disabled_plugins": ["content", "cross_encoder", "nats_publisher"],
-            "trending_half_life_s": 3_600.0,
-        },
+    settings = offline_settings(
+        tmp_path, disabled_plugins=["content", "cross_encoder", "nats_publisher"], trending_half_life_s=3_600.0
     )
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     events = traffic()

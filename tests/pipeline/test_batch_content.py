@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.config import load_settings
 from agent.context import AgentContext
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.extras import ITEM_VECTORS, PROFILE
@@ -26,6 +25,7 @@ from agent.vectors.item_vectors import ItemVectors, top_per_row
 from agent.wire.contract import Item
 from plugins.content import PROFILE_VECTOR, ContentRetrieval, ProfileVector
 from plugins.rerankers import Diversity, ExcludeSeen
+from tests.builders import offline_settings
 
 SHELVES = ("garden", "kitchen", "camping", "books", "toys", "music")
 DIM = 384
@@ -169,7 +169,7 @@ def test_top_per_row_takes_the_highest_and_the_lower_column_of_a_tie() -> None:
 
 def test_rerankers_answer_a_batch_as_each_query_alone(tmp_path: Path) -> None:
     catalog, vectors = shop(400, 3)
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "data_dir": str(tmp_path)})
+    settings = offline_settings(tmp_path)
     ctx = AgentContext(settings=settings, catalog=catalog, users=UserStore(10, 10), metrics=Metrics())
     ctx.extras[ITEM_VECTORS] = vectors
     diversity = Diversity()

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from agent.app import Agent
-from agent.config import Settings, load_settings
+from agent.config import Settings
 from agent.hooks.manager import get_plugin_manager
 from agent.llm.chat_client import PROFILE_SCHEMA, ChatClient, Dialect, LLMOutputError, LLMRejected, validate_profile
 from agent.llm.profiles import PROFILE_KEY
@@ -27,10 +27,9 @@ from agent.llm.summarisers import llm_summariser
 from agent.llm.summary_options import SummaryOptions
 from agent.pipeline.pipeline import Pipeline
 from agent.wire.contract import Event, Item
-
-from .conftest import Client
-from .llm_server import MODEL_ALIAS, LlamaServer, llama_server, serving
-from .test_summaries import Users
+from tests.builders import Client, offline_settings
+from tests.llm.fakes import Users
+from tests.llm.llm_server import MODEL_ALIAS, LlamaServer, llama_server, serving
 
 pytestmark = pytest.mark.llm
 
@@ -188,7 +187,7 @@ async def test_server_killed_mid_run_opens_the_breaker_and_heuristics_carry_on(t
 
 
 async def agent_pipeline(base_url: str, **options: Any) -> Pipeline:
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "disabled_plugins": "content"})
+    settings = offline_settings(disabled_plugins="content")
     settings.plugins = {
         "summariser": {
             "base_url": base_url,

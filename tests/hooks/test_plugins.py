@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +17,10 @@ from agent.hooks import specs as hookspecs
 from agent.hooks.manager import BUILTIN_PLUGINS, get_plugin_manager
 from agent.hooks.specs import hookimpl
 from agent.pipeline import push_scheduler as pushes
-from agent.pipeline.pipeline import ApplyOutcome, Pipeline
+from agent.pipeline.pipeline import ApplyOutcome
 from agent.pipeline.values import Candidates, Query, Scored
-from agent.wire.contract import Event, Item
-
-from .conftest import Client, catalog
-
-
-def offline_settings(**overrides: Any) -> Settings:
-    return load_settings(env={}, overrides={"load_entry_points": False, **overrides})
-
-
-def event(i: int, user: str = "u1", item: str | None = None, kind: str = "view") -> Event:
-    return Event(type=kind, user_id=user, ts=1_000.0 + i, id=f"e{i}", item_id=item or f"item-{i}")
-
-
-@asynccontextmanager
-async def running_pipeline(tmp_path: Path, *plugins: tuple[str, Any], **overrides: Any) -> AsyncIterator[Pipeline]:
-    settings = offline_settings(data_dir=str(tmp_path), **overrides)
-    pipeline = Pipeline(settings, get_plugin_manager(settings, plugins))
-    async with pipeline.running():
-        await pipeline.upsert_items([Item(id=f"item-{i}", title=f"Item {i}", categories=("c",)) for i in range(30)])
-        yield pipeline
+from agent.wire.contract import Event
+from tests.builders import Client, catalog, event, offline_settings, running_pipeline
 
 
 def recorder(name: str, log: list[str], **marks: bool) -> object:

@@ -29,8 +29,7 @@ from agent.llm.prompts import BEGIN, END, HistoryEntry, build_messages, history_
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.user_state import Interaction, UserState
 from agent.wire.contract import Item
-
-from .llm_server import free_port, serving
+from tests.llm.llm_server import free_port, serving
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

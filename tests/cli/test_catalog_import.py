@@ -11,10 +11,11 @@ import plugins.content
 from agent.app import Agent
 from agent.cli.catalog_import import CatalogImportError, embed_items, publish_items
 from agent.cli.main import main
-from agent.config import Settings, load_settings
+from agent.config import Settings
 from agent.evaluation.datasets import DatasetError, read_items
 from agent.pipeline.extras import ITEM_VECTORS
 from agent.vectors.qdrant_store import VectorStore
+from tests.builders import offline_settings
 
 
 def write_items(path: Path, count: int) -> None:
@@ -63,7 +64,7 @@ async def test_import_stops_when_content_retrieval_reports_it_could_not_start(
     monkeypatch.setattr(plugins.content, "shared_embedder", no_model)
     items_file = tmp_path / "items.jsonl"
     write_items(items_file, 3)
-    settings = load_settings(env={}, overrides={"data_dir": str(tmp_path), "load_entry_points": False})
+    settings = offline_settings(tmp_path)
     with pytest.raises(
         CatalogImportError, match=r"content retrieval could not start: no such model \(plugin content\)"
     ):

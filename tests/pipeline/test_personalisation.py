@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from agent.app import Agent
-from agent.config import ConfigError, Settings, load_settings
+from agent.config import ConfigError, Settings
 from agent.context import AgentContext
 from agent.hooks.manager import get_plugin_manager
 from agent.hooks.specs import hookimpl
@@ -30,8 +29,7 @@ from agent.wire.contract import Event, InvalidMessage, Item
 from plugins.content import PROFILE_VECTOR, ProfileVector, Taste
 from plugins.fusion import LearnedFusion
 from plugins.rerankers import Diversity, category_jaccard
-
-from .conftest import Client
+from tests.builders import Client, event, offline_settings, running_pipeline
 
 FILMS = [
     Item("sw", "Star Wars", "A farm boy joins rebels against a galactic empire", ("Sci-Fi", "Adventure")),
@@ -62,28 +60,12 @@ FILMS = [
     ),
 ]
 SCIFI = {"sw", "alien", "trek", "interstellar", "dune", "matrix", "blade", "martian"}
+T0 = 1_700_000_000.0
 
-
-def offline(tmp_path: Path, **overrides: Any) -> Settings:
-    return load_settings(env={}, overrides={"load_entry_points": False, "data_dir": str(tmp_path), **overrides})
-
-
-@asynccontextmanager
-async def pipeline_on(
-    tmp_path: Path, *extra: tuple[str, Any], items: list[Item] = FILMS, **overrides: Any
-) -> AsyncIterator[Pipeline]:
-    settings = offline(tmp_path, **overrides)
-    pipeline = Pipeline(settings, get_plugin_manager(settings, extra))
-    clock = [1_700_000_000.0]
-    pipeline.clock = lambda: clock[0]
-    async with pipeline.running():
-        await pipeline.upsert_items(items)
-        await pipeline.settle()
-        yield pipeline
-
-
-def ev(n: int, user: str, item: str, kind: str = "view", value: float | None = None) -> Event:
-    return Event(type=kind, user_id=user, ts=1_700_000_000.0 + n, id=f"{user}-{n}-{item}", item_id=item, value=value)
+# the films, upserted and taken in by every stage, on a clock that stands still at T0
+pipeline_on = partial(running_pipeline, items=FILMS, clock=T0, settle=True)
+# ev(n, user, item, kind="view", value=None): at T0 + n, its id "<user>-<n>-<item>"
+ev = partial(event, t0=T0, id_format="{user}-{n}-{item}")
 
 
 async def sources_for(pipeline: Pipeline, user: str) -> dict[str, Candidates]:
@@ -155,7 +137,7 @@ async def test_a_delete_before_content_is_ready_still_leaves_qdrant(tmp_path: Pa
         # a first run leaves every item's point in Qdrant, as a restart finds them
         assert first.pm.get_plugin("content").store.count() == len(FILMS)
     embed_calls.clear()
-    settings = offline(tmp_path)
+    settings = offline_settings(tmp_path)
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     async with pipeline.running():
         fresh = Item("new", "Solaris", "A psychologist is sent to a station orbiting an ocean planet", ("Sci-Fi",))
@@ -372,7 +354,7 @@ def test_diversity_uses_cosines_only_when_every_item_has_a_vector(tmp_path: Path
     )
     vectors = ItemVectors(2)
     vectors.set([a, c, b], np.array([[1, 0], [0, 1], [1, 0]], dtype=np.float32), ["ha", "hc", "hb"])
-    ctx = AgentContext(settings=offline(tmp_path), catalog=catalog, users=UserStore(10, 10), metrics=Metrics())
+    ctx = AgentContext(settings=offline_settings(tmp_path), catalog=catalog, users=UserStore(10, 10), metrics=Metrics())
     ctx.extras[ITEM_VECTORS] = vectors
     diversity = Diversity()
     diversity.ctx, diversity.trade_off = ctx, 0.5

@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,13 @@ from agent.bus.embedded_server import (
     read_credentials,
 )
 from agent.cli import main as cli
-from agent.config import ConfigError, Settings, load_settings
-
-from .conftest import _LISTENING, make_settings
-from .test_cli import start_agent, stop
+from agent.config import ConfigError, Settings
+from tests.builders import REPO_ROOT, make_settings, offline_settings
+from tests.processes import nats_server, start_agent, stop
 
 KEY = "key-one-0123456789abcdef"
 OTHER_KEY = "key-two-0123456789abcdef"
-DEPLOY_CONF = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "recsys.conf"
+DEPLOY_CONF = REPO_ROOT / "deploy" / "nats" / "recsys.conf"
 # the accounts' passwords, as deploy/README.md says to provide them
 DEPLOY_ENV = {
     f"{name}_PASSWORD": f"pw-{name.lower()}-0123456789"
@@ -197,7 +195,7 @@ async def test_catalog_import_publishes_to_the_embedded_server_with_its_credenti
     from agent.cli.catalog_import import publish_items
     from agent.wire.contract import parse_items
 
-    settings = load_settings(env={}, overrides={"data_dir": str(tmp_path), "load_entry_points": False})
+    settings = offline_settings(tmp_path)
     await publish_items(settings, parse_items([{"id": "m1", "title": "M1"}]))
     async with embedded_nats_server(tmp_path / "nats") as server:
         await _refused(server.address)
@@ -266,26 +264,8 @@ def deploy_server(tmp_path: Path) -> Iterator[int]:
     assert text.count('store_dir: "/data"') == 1
     conf = tmp_path / "recsys.conf"
     conf.write_text(text.replace('store_dir: "/data"', f"store_dir: {str(tmp_path / 'store')!r}"))
-    process = subprocess.Popen(
-        [find_binary(), "-c", str(conf), "--addr", "127.0.0.1", "--port", "-1"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **DEPLOY_ENV},
-    )
-    assert process.stderr is not None
-    port, lines = None, []
-    for line in process.stderr:
-        lines.append(line)
-        match = _LISTENING.search(line)
-        if match:
-            port = int(match.group(1))
-        if "Server is ready" in line:
-            break
-    assert port is not None, "nats-server did not start:\n" + "".join(lines)
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # type: ignore[union-attr]
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
+    with nats_server(config=conf, env={**os.environ, **DEPLOY_ENV}) as port:
+        yield port
 
 
 class Violations:
@@ -315,15 +295,11 @@ async def test_the_deploy_layout_lets_each_role_do_its_part_and_no_more(deploy_s
     port = deploy_server
     await _refused(f"nats://127.0.0.1:{port}")
     password = DEPLOY_ENV["SHOP_AGENT_PASSWORD"]
-    settings = load_settings(
-        env={},
-        overrides={
-            "nats_url": f"nats://shop-agent:{password}@127.0.0.1:{port}",
-            "data_dir": str(tmp_path / "agent"),
-            "http_port": 0,
-            "disabled_plugins": "content",
-            "load_entry_points": False,
-        },
+    settings = offline_settings(
+        tmp_path / "agent",
+        nats_url=f"nats://shop-agent:{password}@127.0.0.1:{port}",
+        http_port=0,
+        disabled_plugins="content",
     )
     app_errors, ops_errors = Violations(), Violations()
     # the agent with the agent's rights: streams, rebuild, consumers, KV, replies, pushes

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,72 +20,8 @@ from agent.cli import main as cli
 from agent.config import Settings
 from agent.evaluation import replay
 from agent.evaluation.report import ReplayResult
-
-from .conftest import Client
-
-LISTENING = re.compile(r"listening: NATS (\S+)\s+HTTP (\S+)")
-
-
-async def start_agent(
-    *args: str, env: dict[str, str] | None = None, output: list[str] | None = None
-) -> tuple[asyncio.subprocess.Process, str, str]:
-    """Run ``recsys-agent run ARGS`` until its banner; the process, its NATS and HTTP URLs.
-
-    The NATS URL is the banner's, without credentials: on the embedded server (no
-    ``--nats-url``) a client connects with ``client_url(data_dir)`` from
-    ``agent.bus.embedded_server``. ``output``: a list that receives every line the agent
-    writes, before the banner and after.
-    """
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent",
-        "run",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None
-    seen = [] if output is None else output
-    async with asyncio.timeout(60):
-        while True:
-            line = (await process.stdout.readline()).decode()
-            if not line:
-                raise AssertionError("agent exited:\n" + "".join(seen))
-            seen.append(line)
-            match = LISTENING.search(line)
-            if match:
-                break
-
-    async def drain() -> None:
-        async for line in process.stdout:  # type: ignore[union-attr]
-            if output is not None:
-                output.append(line.decode())
-
-    asyncio.get_running_loop().create_task(drain())
-    return process, match.group(1), match.group(2)
-
-
-async def stop(process: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> float:
-    started = time.perf_counter()
-    process.send_signal(sig)
-    async with asyncio.timeout(15):
-        await process.wait()
-    return time.perf_counter() - started
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    return {
-        "RECSYS_NATS_URL": settings.nats_url,
-        "RECSYS_SUBJECT_PREFIX": settings.subject_prefix,
-        "RECSYS_STREAM_NAME": settings.stream_name,
-        "RECSYS_CATALOG_STREAM_NAME": settings.catalog_stream_name,
-        "RECSYS_CONSUMER_NAME": settings.consumer_name,
-        "RECSYS_HTTP_PORT": "0",
-        "RECSYS_DATA_DIR": str(settings.data_dir),
-        "RECSYS_LOAD_ENTRY_POINTS": "false",
-    }
+from tests.builders import Client
+from tests.processes import env_for, start_agent, stop
 
 
 async def test_run_with_embedded_defaults_serves_and_stops_its_nats_server(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .llm_server import LlamaServer
+from tests.llm.llm_server import LlamaServer
 
 
 def _ended(code: str) -> subprocess.Popen[bytes]:

@@ -8,18 +8,15 @@ queries is ranked exactly as each query alone.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent import Event, Item
-from agent.config import load_settings
-from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.values import Scored
+from tests.builders import running_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -51,16 +48,9 @@ def traffic(n_events: int = 2_400, n_users: int = 120, n_items: int = 240) -> li
     return events
 
 
-@asynccontextmanager
-async def pipeline_at(data_dir: Path, **overrides: Any) -> AsyncIterator[Pipeline]:
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "data_dir": str(data_dir), **overrides})
-    pipeline = Pipeline(settings, get_plugin_manager(settings))
-    clock = [1_700_000_000.0]
-    pipeline.clock = lambda: clock[0]
-    async with pipeline.running():
-        await pipeline.upsert_items(shop())
-        await pipeline.settle()
-        yield pipeline
+def pipeline_at(data_dir: Path) -> AbstractAsyncContextManager[Pipeline]:
+    """The shop, upserted and taken in by every stage, on a clock that stands still."""
+    return running_pipeline(data_dir, items=shop(), clock=1_700_000_000.0, settle=True)
 
 
 def summary(ranked: list[Scored]) -> list[tuple[int, float, tuple[str, ...]]]:

@@ -12,8 +12,9 @@ from agent.config import load_settings
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
 from agent.wire.contract import Event, Item
+from tests.builders import REPO_ROOT
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "recsys-staff-picks"
+EXAMPLE = REPO_ROOT / "examples" / "recsys-staff-picks"
 
 
 async def test_staff_picks_plugin_found_by_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from agent import hookimpl
-from agent.config import ConfigError, load_settings
+from agent.config import ConfigError
 from agent.hooks import specs
 from agent.hooks.manager import get_plugin_manager
 from agent.hooks.options import parse_options
@@ -18,11 +18,12 @@ from agent.hooks.runner import HookRunner
 from agent.hooks.specs import CALL_SPECS, CallMode
 from agent.pipeline.pipeline import Pipeline
 from agent.serving.metrics import Metrics
+from tests.builders import offline_settings
 
 
 def bare_pipeline(*plugins: tuple[str, Any], **overrides: Any) -> Pipeline:
     # no built-in stage: what is tested is the runner, not the stages
-    settings = load_settings(env={}, overrides={"load_entry_points": False, **overrides})
+    settings = offline_settings(**overrides)
     pm = get_plugin_manager(settings, extra=plugins)
     for name, _ in list(pm.list_name_plugin()):
         if name not in {n for n, _ in plugins}:
@@ -39,9 +40,7 @@ def test_every_spec_declares_its_call_mode_and_the_docstring_agrees() -> None:
 
 
 def test_a_misspelt_hook_name_at_a_call_site_fails_when_the_caller_is_made() -> None:
-    runner = HookRunner(
-        get_plugin_manager(load_settings(env={}, overrides={"load_entry_points": False})), Metrics(), 1.0
-    )
+    runner = HookRunner(get_plugin_manager(offline_settings()), Metrics(), 1.0)
     with pytest.raises(KeyError, match="recsys_candidate"):
         runner.caller("recsys_candidate")
 
@@ -135,7 +134,7 @@ def test_options_are_typed_and_unknown_keys_bad_types_and_ranges_are_refused_by_
 async def test_a_builtin_plugin_with_a_bad_option_stops_the_start_with_a_configuration_error(
     plugin: str, table: dict[str, Any]
 ) -> None:
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "disabled_plugins": "content,summariser"})
+    settings = offline_settings(disabled_plugins="content,summariser")
     settings.plugins = {plugin: table}
     with pytest.raises(ConfigError, match=rf"\[plugins.{plugin}\]"):
         async with Pipeline(settings, get_plugin_manager(settings)).running():
@@ -149,8 +148,8 @@ def test_a_builtin_whose_extra_is_not_installed_says_which_extra_to_install(monk
     monkeypatch.setitem(sys.modules, "qdrant_client", None)
     for module in [m for m in sys.modules if m.startswith(("plugins.content", "agent.vectors"))]:
         monkeypatch.delitem(sys.modules, module)
-    settings = load_settings(env={}, overrides={"load_entry_points": False})
+    settings = offline_settings()
     with pytest.raises(ConfigError, match=r"content plugin needs qdrant_client.*pip install 'recsys-agent\[ml\]'"):
         get_plugin_manager(settings)
-    settings = load_settings(env={}, overrides={"load_entry_points": False, "disabled_plugins": "content"})
+    settings = offline_settings(disabled_plugins="content")
     assert not get_plugin_manager(settings).has_plugin("content"), "without content the agent starts"

@@ -3,7 +3,7 @@ it does one at a time.
 
 Synthetic candidate lists shaped like the built-in sources' (popularity counts, co-occurrence
 with a dense ``score_of``, content cosines in single precision, a source without ``score_of``),
-for users in every history segment; no pipeline, no model. ``python -m tests.test_batch_fusion``
+for users in every history segment; no pipeline, no model. ``python -m tests.pipeline.test_batch_fusion``
 measures the fusion's cost per query at batch 1 and batch 32.
 """
 

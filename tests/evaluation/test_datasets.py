@@ -10,8 +10,8 @@ import pytest
 
 from agent.cli.main import main
 from agent.evaluation.datasets import DatasetError, convert, read_movielens_100k, read_movietweetings
+from tests.builders import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MOVIETWEETINGS = FIXTURES / "movietweetings-mini"
 MOVIELENS = FIXTURES / "movielens-100k-mini"
 
