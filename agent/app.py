@@ -94,6 +94,16 @@ async def nats_connection(servers: str | list[str]) -> AsyncIterator[NATS]:
             await nc.close()
 
 
+def freeze_survivors_of_full_passes(phase: str, info: dict[str, int]) -> None:
+    """A ``gc.callbacks`` entry: what survives a full pass is state that lives on (users'
+    histories, learned counts), so it joins the frozen objects, and the next full pass scans
+    only what came since. Without it every full pass scans all users again, and their cost
+    grows with the agent's age. (A cycle among frozen objects that later becomes garbage is
+    not collected; the agent's state holds no such cycles: reference counting frees it.)"""
+    if phase == "stop" and info.get("generation") == 2:
+        gc.freeze()
+
+
 class Agent:
     """Use as ``async with Agent(settings) as agent:``; it serves until the block exits."""
 
@@ -149,6 +159,7 @@ class Agent:
         pushes = PushScheduler(self.pipeline, settings.push_batch)
         disposer = Disposer(js, settings.subject("dlq"), self.metrics)
         ingestor = Ingestor(settings, js, self.pipeline, disposer, pushes.schedule)
+        pushes.ingest_caught_up = ingestor.caught_up
         started = time.perf_counter()
         await ingestor.rebuild()
         log.info(
@@ -211,9 +222,11 @@ class Agent:
             log.debug("%d objects kept out of the garbage collector's passes", gc.get_freeze_count())
 
         task = asyncio.create_task(after_settle(), name="freeze-after-settle")
+        gc.callbacks.append(freeze_survivors_of_full_passes)
         try:
             yield
         finally:
+            gc.callbacks.remove(freeze_survivors_of_full_passes)
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task

@@ -34,9 +34,10 @@ REBUILD_IDLE_TIMEOUT_S = 5.0
 MAX_REBUILD_REPORTS = 5
 # a drain waits for messages already delivered to this agent; when the bus is gone it gives up
 DRAIN_TIMEOUT_S = 3.0
-# the events consumer asks for what is there (no_wait) and gives up on that almost at once;
+# the events consumer asks for what is there (no_wait) and gives up on that almost at once
+# (nats-py then waits out the rest of this for more: it bounds what an event may wait here);
 # then it waits for the next message with a long poll, answered the moment one arrives
-IDLE_PROBE_S = 0.01
+IDLE_PROBE_S = 0.002
 IDLE_WAIT_S = 5.0
 FETCH_RETRY_S = 0.1
 FETCH_RETRY_MAX_S = 5.0
@@ -143,6 +144,10 @@ class Ingestor:
         self.undelivered = 0
         # messages fetched and not yet disposed of (acked, retried or dead-lettered)
         self.in_hand = 0
+        # set while the stream holds nothing more for this consumer: pushes wait for it, so
+        # that a burst is applied first and its pushes coalesce (one list per user, not per event)
+        self.caught_up = asyncio.Event()
+        self.caught_up.set()
         self.rebuild_failures = 0
 
     def _parse_event_message(self, msg: Msg) -> Event:
@@ -247,6 +252,10 @@ class Ingestor:
                 return
             if msgs:
                 await self.on_events(msgs)
+            if msgs and self.undelivered > 0:
+                self.caught_up.clear()
+            else:
+                self.caught_up.set()
             # the push worker and the catalog consumer run between batches
             await asyncio.sleep(0)
 
@@ -431,6 +440,7 @@ class Ingestor:
             yield
         finally:
             self.pipeline.context.backlog = lambda: 0
+            self.caught_up.set()  # the pushes owed are flushed at the stop, not held back
             # Stop taking work: a batch being applied finishes and is disposed of (the task is
             # cancelled only between batches, at its fetch or its yield).
             self.stopping = True

@@ -34,6 +34,9 @@ class PushScheduler:
         self._publish = pipeline.hooks.caller("recsys_publish")
         # taken from _owed and not published yet (a stop may cut a batch short)
         self._unsent_in_batch = 0
+        # when set by the events consumer: a batch of pushes waits until what the stream holds
+        # has been applied (ingest comes first; the pushes of a burst then coalesce per user)
+        self.ingest_caught_up: asyncio.Event | None = None
         # insertion-ordered: the user owed longest is served first, so nobody starves
         self._owed: dict[str, tuple[list[str], float]] = {}
         self._wake = asyncio.Event()
@@ -78,6 +81,8 @@ class PushScheduler:
             await self._wake.wait()
             self._wake.clear()
             while self._owed:
+                if self.ingest_caught_up is not None:
+                    await self.ingest_caught_up.wait()
                 try:
                     await self._push(self._take())
                 except Exception:

@@ -29,12 +29,16 @@ from agent.config import load_settings
 from agent.evaluation.datasets import read_movietweetings, stream_order_key
 from agent.hooks.manager import get_plugin_manager
 from agent.llm.chat_client import PROFILE_SCHEMA, ChatClient, Dialect, LLMError, validate_profile
+from agent.llm.profiles import PROFILE_KEY
 from agent.llm.prompts import HistoryEntry, build_messages
-from agent.llm.summaries import PROFILE_KEY, Snapshot, SummaryMetrics, SummaryOptions, SummaryScheduler, llm_summariser
+from agent.llm.scheduler import HistorySnapshot, SummaryScheduler
+from agent.llm.summarisers import llm_summariser
+from agent.llm.summary_metrics import SummaryMetrics
+from agent.llm.summary_options import SummaryOptions
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.user_state import Interaction, UserState
 from agent.wire.contract import Event, Item
-from tests.llm_server import MODEL_ALIAS, llama_server
+from tests.llm.llm_server import MODEL_ALIAS, llama_server
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "movietweetings-100k"
 if not DATA.is_dir():
@@ -121,7 +125,7 @@ class SyntheticUsers:
         user.event_count += 1
         return self.unsummarised(user_id)
 
-    def snapshot(self, user_id: str) -> Snapshot | None:
+    def snapshot(self, user_id: str) -> HistorySnapshot | None:
         user = self.users.get(user_id)
         if user is None:
             return None
@@ -129,13 +133,13 @@ class SyntheticUsers:
             HistoryEntry(self.items[i.slot].title, self.items[i.slot].categories[:4], i.type)
             for i in list(user.recent)[-8:]
         ]
-        return Snapshot(entries, user.event_count, PROFILE_KEY in user.extras, user)
+        return HistorySnapshot(entries, user.event_count, PROFILE_KEY in user.extras, user)
 
     def unsummarised(self, user_id: str) -> int:
         user = self.users[user_id]
         return user.event_count - int(user.extras.get("covered", 0))  # type: ignore[call-overload]
 
-    def store(self, user_id: str, snapshot: Snapshot, profile: dict[str, Any], *, final: bool) -> None:
+    def store(self, user_id: str, snapshot: HistorySnapshot, profile: dict[str, Any], *, final: bool) -> None:
         if final:
             self.users[user_id].extras["covered"] = snapshot.event_count
         self.users[user_id].extras[PROFILE_KEY] = profile

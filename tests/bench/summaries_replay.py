@@ -1,4 +1,4 @@
-"""Prequential replay (``agent/replay.py``) with interest summaries off, heuristic, or from the LLM.
+"""Prequential replay (``agent/evaluation/replay.py``) with interest summaries off, heuristic, or from the LLM.
 
     python -m tests.bench.summaries_replay --modes off,heuristic --sample-users 0.1 --limit 10000
     python -m tests.bench.summaries_replay --modes off,heuristic,llm --sample-users 0.02 --limit 600
@@ -24,13 +24,14 @@ from typing import Any
 
 from agent.config import load_settings
 from agent.evaluation.datasets import read_movietweetings, stream_order_key
-from agent.evaluation.replay import ReplayOptions, replay, select_events
+from agent.evaluation.events import select_events
+from agent.evaluation.replay import ReplayOptions, replay
 from agent.hooks.manager import get_plugin_manager
 from agent.hooks.specs import hookimpl
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.user_state import UserState
 from tests.bench.llm_summaries import DATA
-from tests.llm_server import MODEL_ALIAS, llama_server
+from tests.llm.llm_server import MODEL_ALIAS, llama_server
 
 
 class WaitForSummaries:
@@ -85,7 +86,9 @@ async def run_mode(
     pipeline = Pipeline(settings, get_plugin_manager(settings, [("wait_for_summaries", waiter)]))
     waiter.pipeline = pipeline
     async with pipeline.running():
-        result = await replay(pipeline, items, events, ReplayOptions(baselines=("popularity",), progress=False))
+        # one event at a time: each event is ranked after the summaries the previous one made due
+        one_at_a_time = ReplayOptions(baselines=("popularity",), progress=False, batch=1)
+        result = await replay(pipeline, items, events, one_at_a_time)
         summariser = pipeline.pm.get_plugin("summariser")
         stats = summariser.scheduler.stats() if summariser is not None and summariser.scheduler else {}
     report = result.report()

@@ -17,14 +17,15 @@ from agent.config import load_settings
 from agent.evaluation import replay as replay_module
 from agent.evaluation.baselines import DAY_S, ItemKNN, Popularity, rank_of
 from agent.evaluation.datasets import DatasetError
-from agent.evaluation.replay import ReplayOptions, load_events, replay, select_events
+from agent.evaluation.events import load_events, select_events
+from agent.evaluation.replay import ReplayOptions, batch_bounds, replay
 from agent.hooks.manager import BUILTIN_PLUGINS, get_plugin_manager
 from agent.hooks.specs import hookimpl
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.values import Candidates, Query, Scored
 from agent.wire.contract import Event, Item
+from tests.builders import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 G2 = 1 / math.log2(3)  # NDCG gain at rank 2
 
 ITEMS = [Item(id=name, title=f"Item {name}") for name in "ABCDE"]  # catalog order = slots 0..4
@@ -148,7 +149,11 @@ async def run_stream(
         return await replay(pipeline, ITEMS, events, ReplayOptions(progress=False, **options))
 
 
-async def test_baselines_and_a_known_pipeline_match_the_hand_computed_metrics(tmp_path: Path) -> None:
+# Batches of STREAM at any size from 5 up (a user's second event ends one): #1-3, #4-7, #8-12.
+# The pipeline's ranks are those of the table all the same: #6 ranks C second behind B in
+# either case, and #12 sees A2 B2 C2 E1 instead of A4 B2 C2 E1 (A is excluded for u2).
+@pytest.mark.parametrize("batch", [1, 8])
+async def test_baselines_and_a_known_pipeline_match_the_hand_computed_metrics(tmp_path: Path, batch: int) -> None:
     plugins = [
         ("reject_marked", RejectMarked()),
         ("count", CountSource()),
@@ -156,10 +161,18 @@ async def test_baselines_and_a_known_pipeline_match_the_hand_computed_metrics(tm
         ("sum", SumFusion()),
     ]
     result = await run_stream(
-        tmp_path, plugins, disabled=list(BUILTIN_PLUGINS), k=2, half_life_s=DAY_S, knn_similarity="count"
+        tmp_path,
+        plugins,
+        disabled=list(BUILTIN_PLUGINS),
+        k=2,
+        half_life_s=DAY_S,
+        knn_similarity="count",
+        batch=batch,
     )
     report = result.report()
 
+    assert report["batch"] == batch
+    assert report["mean_batch"] == (1.0 if batch == 1 else 4.0)
     assert report["events"] == 12
     assert report["evaluated"] == 4
     assert report["counts"] == {
@@ -183,6 +196,42 @@ async def test_baselines_and_a_known_pipeline_match_the_hand_computed_metrics(tm
     assert report["latency_ms"]["p50"] > 0 and report["latency_ms"]["p99"] >= report["latency_ms"]["p50"]
     assert report["events_per_s"] > 0
     assert len(result.latency_ms) == 4
+
+
+# A stream on which batching changes what the pipeline sees (k = 2; counts by CountSource;
+# ties in slot order A B C D E; A is excluded for both users):
+#  #  user item  one at a time             batches of 2: 1-2, 3-4, 5     batches of 3 or more: 1-3, 4-5
+#  1  u1   A     -- no history
+#  2  u2   A     -- no history
+#  3  u3   D     -- no history
+#  4  u1   C     A2 D1: D B C -> 3rd, miss  A2 (#3 not applied): B C -> 2nd  A2 D1: D B C -> 3rd, miss
+#  5  u2   C     A2 C1 D1: C 1st            A2 C1 D1: C 1st                   A2 D1 (#4 not applied): miss
+BATCH_STREAM = [ev(0, "u1", "A"), ev(0, "u2", "A"), ev(0, "u3", "D"), ev(1, "u1", "C"), ev(1, "u2", "C")]
+
+
+@pytest.mark.parametrize(
+    ("batch", "gains", "batches"), [(1, [0.0, 1.0], 5), (2, [G2, 1.0], 3), (3, [0.0, 0.0], 2), (32, [0.0, 0.0], 2)]
+)
+async def test_a_batch_is_ranked_before_any_of_its_events_is_applied(
+    tmp_path: Path, batch: int, gains: list[float], batches: int
+) -> None:
+    plugins = [("count", CountSource()), ("sum", SumFusion())]
+    result = await run_stream(
+        tmp_path, plugins, disabled=list(BUILTIN_PLUGINS), events=BATCH_STREAM, k=2, batch=batch, baselines=()
+    )
+    report = result.report()
+    assert report["evaluated"] == 2 and report["counts"]["applied"] == 5
+    assert result.pipeline.ndcg[:2].tolist() == pytest.approx(gains)
+    assert result.batches == batches and report["batch"] == batch
+    assert report["mean_batch"] == pytest.approx(5 / batches, abs=0.01)
+
+
+def test_batches_are_runs_of_distinct_users_up_to_the_size() -> None:
+    events = [ev(0, user, "A") for user in ["a", "b", "c", "a", "d", "e", "f", "g", "g"]]
+    assert list(batch_bounds(events, 3)) == [(0, 3), (3, 6), (6, 8), (8, 9)]
+    assert list(batch_bounds(events, 1)) == [(i, i + 1) for i in range(9)]
+    assert list(batch_bounds(events, 32)) == [(0, 3), (3, 8), (8, 9)]
+    assert list(batch_bounds([], 4)) == []
 
 
 async def test_baselines_in_a_second_process_score_the_same(tmp_path: Path) -> None:
@@ -336,6 +385,30 @@ def test_replay_command_writes_report_and_plot(
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("batch", ["1", "8"])
+def test_replay_command_runs_in_batches_and_reports_their_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, batch: str
+) -> None:
+    for name in [n for n in __import__("os").environ if n.startswith("RECSYS_")]:
+        monkeypatch.delenv(name)
+    fixture = ["--format", "movietweetings", str(FIXTURES / "movietweetings-mini"), str(tmp_path)]
+    assert main(["dataset", "convert", *fixture]) == 0
+    config = tmp_path / "replay.toml"
+    config.write_text('disabled_plugins = ["content"]\nload_entry_points = false\n')
+    files = ["--items", str(tmp_path / "items.jsonl"), "--events", str(tmp_path / "events.jsonl")]
+    report_path = tmp_path / "report.json"
+    flags = ["--config", str(config), "--report", str(report_path), "--no-progress", "--batch", batch]
+    assert main(["replay", *files, *flags]) == 0
+    assert f"at batch {batch} (mean" in capsys.readouterr().out
+    report = orjson.loads(report_path.read_bytes())
+    # the same events are evaluated whatever the batch: only what the pipeline knows differs
+    assert report["batch"] == int(batch) and report["events"] == 7 and report["evaluated"] == 3
+    if batch == "1":
+        assert report["mean_batch"] == 1.0
+    else:
+        assert report["mean_batch"] > 1.0
+
+
 def test_replay_command_reports_bad_input_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -349,6 +422,8 @@ def test_replay_command_reports_bad_input_without_a_traceback(
     assert "Traceback" not in err
     assert main(["replay", "--items", str(items), "--events", str(events), "--baselines", "nope", "--no-progress"]) == 2
     assert "unknown baseline(s) nope" in capsys.readouterr().err
+    assert main(["replay", "--items", str(items), "--events", str(events), "--batch", "0", "--no-progress"]) == 2
+    assert "--batch must be at least 1" in capsys.readouterr().err
     # an id that is a digit to str.isdigit but not a number
     events.write_bytes('{"type": "view", "user_id": "\u00b2", "item_id": "A", "ts": 1}\n'.encode())
     items.write_bytes(b'{"id": "A", "title": "A"}\n')
@@ -425,9 +500,9 @@ def test_replay_takes_the_pipeline_settings_but_not_the_agent_data_dir_or_log_le
 def test_profile_charges_library_time_to_the_project_function_that_called_it() -> None:
     from types import SimpleNamespace
 
-    from agent.evaluation.replay import time_by_module
+    from agent.evaluation.profiling import time_by_module
 
-    rank = ("/src/agent/baselines.py", 26, "rank_of")
+    rank = ("/src/agent/evaluation/baselines.py", 26, "rank_of")
     fuse = ("/src/plugins/fusion.py", 138, "recsys_fuse")
     rerank = ("/src/plugins/rerankers.py", 87, "recsys_rerank")
     sort = ("/venv/lib/site-packages/numpy/_core/fromnumeric.py", 10, "sort")
@@ -445,7 +520,7 @@ def test_profile_charges_library_time_to_the_project_function_that_called_it() -
     }
     by_module = time_by_module(SimpleNamespace(stats=table))  # type: ignore[arg-type]
     assert by_module == {
-        "harness: agent/baselines.py": pytest.approx(9.0),
+        "harness: agent/evaluation/baselines.py": pytest.approx(9.0),
         "plugins/fusion.py": pytest.approx(1.0 + 0.75 * (1.0 + 3.0)),
         "plugins/rerankers.py": pytest.approx(0.5 + 0.25 * (1.0 + 3.0)),
     }
