@@ -127,7 +127,8 @@ class LearnedFusion:
         options = ctx.options("fusion", FusionOptions)
         self.learning_rate = options.learning_rate
         self.initial = dict(options.weights)
-        self.max_pending = options.max_pending_rankings
+        # no more rankings than users held: an evicted user's ranking would teach nothing
+        self.max_pending = min(options.max_pending_rankings, ctx.settings.max_users)
         ctx.extras[FUSION_WEIGHTS] = self.weights
         self._users = ctx.users
         self._metrics = ctx.metrics
