@@ -56,14 +56,20 @@ def nats_server(*args: str, config: Path | None = None, env: dict[str, str] | No
 
 
 async def start_agent(
-    *args: str, env: dict[str, str] | None = None, output: list[str] | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    output: list[str] | None = None,
+    log_path: Path | None = None,
+    ready_timeout_s: float = 60.0,
 ) -> tuple[asyncio.subprocess.Process, str, str]:
     """Run ``recsys-agent run ARGS`` until its banner; the process, its NATS and HTTP URLs.
 
     The NATS URL is the banner's, without credentials: on the embedded server (no
     ``--nats-url``) a client connects with ``client_url(data_dir)`` from
     ``agent.bus.embedded_server``. ``output``: a list that receives every line the agent
-    writes, before the banner and after.
+    writes, before the banner and after; ``log_path``: a file that receives what it writes
+    after the banner (a long run's output, kept out of memory). Either way the pipe is read,
+    so the agent never stalls on a full one.
     """
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -77,7 +83,7 @@ async def start_agent(
     )
     assert process.stdout is not None
     seen = [] if output is None else output
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(ready_timeout_s):
         while True:
             line = (await process.stdout.readline()).decode()
             if not line:
@@ -88,12 +94,36 @@ async def start_agent(
                 break
 
     async def drain() -> None:
+        log = log_path.open("a", encoding="utf-8") if log_path is not None else None
         async for line in process.stdout:  # type: ignore[union-attr]
             if output is not None:
                 output.append(line.decode())
+            if log is not None:
+                log.write(line.decode(errors="replace"))
+        if log is not None:
+            log.close()
 
     asyncio.get_running_loop().create_task(drain())
     return process, match.group(1), match.group(2)
+
+
+async def run_to_exit(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> tuple[int, str, str]:
+    """Run ``recsys-agent run ARGS`` that is expected to stop by itself (a refused start): its
+    exit status, standard output and standard error."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    async with asyncio.timeout(timeout_s):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 async def stop(process: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> float:

@@ -49,7 +49,7 @@ USER = "recsys-agent"
 
 
 class NatsServerError(RuntimeError):
-    pass
+    """The bundled nats-server could not be started; the text holds its own error lines."""
 
 
 @dataclass(frozen=True, slots=True)

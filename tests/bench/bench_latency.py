@@ -57,8 +57,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.bus.embedded_server import client_url
 from agent.wire.contract import Event, event_subject
 from tests.bench.machine import describe, load_average, percentile
+from tests.processes import start_agent as run_agent
 
-LISTENING = re.compile(r"listening: NATS (\S+)\s+HTTP (\S+)")
 PREFIX = "recsys"
 HISTOGRAMS = ("recsys_push_batch_size", "recsys_apply_batch_size")
 
@@ -138,37 +138,9 @@ async def start_agent(data_dir: Path, config: Path | None, http: aiohttp.ClientS
     flags = ["--data-dir", str(data_dir), "--nats-port", "0", "--http-port", "0", "--log-level", "WARNING"]
     if config is not None:
         flags += ["--config", str(config)]
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent",
-        "run",
-        *flags,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    assert process.stdout is not None
-    seen = []
-    async with asyncio.timeout(120):
-        while True:
-            line = (await process.stdout.readline()).decode()
-            if not line:
-                raise RuntimeError("the agent exited:\n" + "".join(seen))
-            seen.append(line)
-            match = LISTENING.search(line)
-            if match:
-                break
-    log = (data_dir / "agent.log").open("a", encoding="utf-8")
-
-    async def keep_log() -> None:
-        # the agent's warnings go to a file: read, they never fill the pipe and stall it
-        async for raw in process.stdout:  # type: ignore[union-attr]
-            log.write(raw.decode(errors="replace"))
-        log.close()
-
-    asyncio.get_running_loop().create_task(keep_log())
+    process, _, http_url = await run_agent(*flags, log_path=data_dir / "agent.log", ready_timeout_s=120.0)
     # the printed URL has no credentials; the embedded server asks for them
-    return Agent(process, client_url(data_dir), match.group(2), http)
+    return Agent(process, client_url(data_dir), http_url, http)
 
 
 async def stop_agent(agent: Agent) -> None:

@@ -21,7 +21,7 @@ from agent.config import Settings
 from agent.evaluation import replay
 from agent.evaluation.report import ReplayResult
 from tests.builders import Client
-from tests.processes import env_for, start_agent, stop
+from tests.processes import env_for, run_to_exit, start_agent, stop
 
 
 async def test_run_with_embedded_defaults_serves_and_stops_its_nats_server(tmp_path: Path) -> None:
@@ -113,23 +113,8 @@ async def test_a_killed_agent_takes_its_nats_server_with_it(tmp_path: Path) -> N
 async def test_a_second_agent_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
     process, _, _ = await start_agent("--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
     try:
-        second = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            "--data-dir",
-            str(tmp_path),
-            "--nats-port",
-            "0",
-            "--http-port",
-            "0",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(60):
-            _, err = await second.communicate()
-        assert second.returncode == 1 and b"in use by another agent's nats-server" in err
+        returncode, _, err = await run_to_exit("--data-dir", str(tmp_path), "--nats-port", "0", "--http-port", "0")
+        assert returncode == 1 and "in use by another agent's nats-server" in err
     finally:
         await stop(process)
     assert process.returncode == 0

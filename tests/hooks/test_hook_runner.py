@@ -96,7 +96,7 @@ class NotALifespan:
 async def test_a_lifespan_of_the_wrong_kind_stops_the_start_naming_the_plugin() -> None:
     with pytest.raises(TypeError, match="plugin odd: recsys_lifespan must be an async generator"):
         async with bare_pipeline(("odd", NotALifespan())).running():
-            pass
+            pass  # entering is the test
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ async def test_a_builtin_plugin_with_a_bad_option_stops_the_start_with_a_configu
     settings.plugins = {plugin: table}
     with pytest.raises(ConfigError, match=rf"\[plugins.{plugin}\]"):
         async with Pipeline(settings, get_plugin_manager(settings)).running():
-            pass
+            pass  # entering is the test
 
 
 def test_a_builtin_whose_extra_is_not_installed_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from agent.app import Agent
 from agent.bus.ingest import ensure_streams
 from agent.config import Settings
 from tests.builders import Client
+from tests.processes import run_to_exit
 
 
 async def _stored(client: Client, settings: Settings) -> int:
@@ -125,7 +124,7 @@ async def test_start_names_the_plugins_and_a_clean_stop_does_not_warn(
 ) -> None:
     caplog.set_level(logging.INFO)
     async with Agent(lean):
-        pass
+        pass  # a start and a clean stop are the test
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plugins: ")]
     assert "validate=event_validation" in line and "publish=nats_publisher" in line
     assert "content" not in line, "a disabled plugin is not listed"
@@ -181,25 +180,17 @@ async def test_a_taken_port_is_one_line_naming_its_flag(tmp_path: Path, flag: st
     holder = _occupied_port()
     port = holder.getsockname()[1]
     ports = {"--nats-port": "0", "--http-port": "0", flag: str(port)}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent",
-        "run",
-        "--data-dir",
-        str(tmp_path),
-        *[part for pair in ports.items() for part in pair],
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "RECSYS_DISABLED_PLUGINS": "content", "RECSYS_LOAD_ENTRY_POINTS": "false"},
-    )
     try:
-        async with asyncio.timeout(60):
-            out, err = await process.communicate()
+        returncode, out, err = await run_to_exit(
+            "--data-dir",
+            str(tmp_path),
+            *[part for pair in ports.items() for part in pair],
+            env={"RECSYS_DISABLED_PLUGINS": "content", "RECSYS_LOAD_ENTRY_POINTS": "false"},
+        )
     finally:
         holder.close()
-    assert process.returncode == 1
-    lines = (out + err).decode().splitlines()
+    assert returncode == 1
+    lines = (out + err).splitlines()
     expected = f"recsys-agent run: port {port} is in use (choose another with {flag})"
     assert lines[-1] == expected, lines
     assert not [line for line in lines if "Traceback" in line or "[INF]" in line or "WARNING" in line], lines
