@@ -1,7 +1,7 @@
 """The agent: every component's lifespan, entered in order and exited in reverse.
 
 Start: bus -> streams -> plugins -> state rebuilt from the streams -> push worker -> consumers
--> request/reply -> HTTP. Stop is the mirror image, so by the time the bus closes every
+-> request/reply (a NATS micro service) -> HTTP. Stop is the mirror image, so by the time the bus closes every
 delivered message has been applied and disposed of and every owed push has been attempted.
 """
 
@@ -17,25 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import nats
-import orjson
 import pluggy
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
+from agent.bus.contract_upgrade import wire_v2_from_seq
 from agent.bus.disposition import Disposer
 from agent.bus.embedded_server import NATS_DIR, embedded_nats_server
-from agent.bus.ingest import DRAIN_TIMEOUT_S, Ingestor, drain_bounded, ensure_streams
+from agent.bus.ingest import DRAIN_TIMEOUT_S, Ingestor, ensure_streams
+from agent.bus.services import request_service
 from agent.config import Settings, is_loopback, redact_url
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.push_scheduler import PushScheduler
 from agent.serving.http_api import OPEN_PATHS, ApiState, serving
 from agent.serving.metrics import Metrics
-from agent.wire.contract import InvalidMessage, decode_json, parse_recommend_request
+from agent.serving.user_data_api import user_data_routes
+from agent.users.data_requests import UserData
 
 log = logging.getLogger(__name__)
-
-QUEUE_GROUP = "recsys-agent"
 
 # The pipeline's stages, in the order an event meets them; a stage's hooks are those whose
 # names start with recsys_<stage> (recsys_apply_event, a batch variant recsys_apply_events...).
@@ -157,9 +156,11 @@ class Agent:
         log.info("plugins: %s", self._plugins_by_stage())
 
         pushes = PushScheduler(self.pipeline, settings.push_batch)
-        disposer = Disposer(js, settings.subject("dlq"), self.metrics)
+        disposer = Disposer(js, settings.subject("dlq"), self.metrics, settings.dlq_payload_chars)
         ingestor = Ingestor(settings, js, self.pipeline, disposer, pushes.schedule)
         pushes.ingest_caught_up = ingestor.caught_up
+        user_data = UserData(settings, nc, js, self.pipeline, pushes)
+        ingestor.v2_from_seq = user_data.v2_from_seq = await wire_v2_from_seq(js, settings.stream_name)
         started = time.perf_counter()
         await ingestor.rebuild()
         log.info(
@@ -171,9 +172,11 @@ class Agent:
         await stack.enter_async_context(self._collector_spared_startup())
         await stack.enter_async_context(pushes.running())
         await stack.enter_async_context(ingestor.consuming())
-        await stack.enter_async_context(self._recommend_responder(nc))
+        await stack.enter_async_context(user_data.listening())
+        await stack.enter_async_context(request_service(nc, settings, self.pipeline, user_data))
 
-        routes = [route for _, answer in await self.pipeline.hooks.call("recsys_http_routes") for route in answer]
+        routes = user_data_routes(user_data)
+        routes += [route for _, answer in await self.pipeline.hooks.call("recsys_http_routes") for route in answer]
         api = ApiState(settings=settings, pipeline=self.pipeline, js=js, nats_url=self.nats_url, started_at=time.time())
         self.http_url = await stack.enter_async_context(serving(api, routes))
         if settings.api_keys:
@@ -231,32 +234,3 @@ class Agent:
             with suppress(asyncio.CancelledError):
                 await task
             gc.unfreeze()
-
-    @asynccontextmanager
-    async def _recommend_responder(self, nc: NATS) -> AsyncIterator[None]:
-        async def on_request(msg: Msg) -> None:
-            self.metrics.requests.labels(via="nats").inc()
-            try:
-                request = parse_recommend_request(
-                    decode_json(msg.data, self.settings.max_payload_bytes),
-                    max_k=self.settings.max_k,
-                    default_k=self.settings.default_k,
-                )
-                recs = await self.pipeline.recommend(
-                    request.user_id, request.k, categories=request.categories, exclude=request.exclude
-                )
-                body = recs.to_json()
-            except InvalidMessage as exc:
-                body = orjson.dumps({"error": str(exc)})
-            except Exception as exc:
-                log.exception("recommend request failed")
-                body = orjson.dumps({"error": f"internal error: {type(exc).__name__}"})
-            if msg.reply:
-                await msg.respond(body)
-
-        # A queue group, so that several agents answer requests between them.
-        sub = await nc.subscribe(self.settings.subject("recommend"), queue=QUEUE_GROUP, cb=on_request)
-        try:
-            yield
-        finally:
-            await drain_bounded(sub)

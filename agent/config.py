@@ -93,8 +93,14 @@ class Settings:
     stream_name: str = "RECSYS_EVENTS"
     catalog_stream_name: str = "RECSYS_CATALOG"
     consumer_name: str = "recsys-agent"
-    # seconds a stream keeps events; 0 keeps them until max bytes (state is rebuilt from them)
+    # The retention limit: seconds the event stream keeps a user's events (and so what a
+    # restart rebuilds from them); 0 keeps them until stream_max_bytes. Forgetting a user
+    # erases theirs at once, whatever this says.
     stream_max_age_s: float = 0.0
+    # seconds the dead-letter stream keeps a dead letter (its reason, subject and excerpt)
+    dlq_max_age_s: float = 7 * 86_400.0
+    # characters of the refused message kept in its dead letter; 0 keeps only reason and subject
+    dlq_payload_chars: int = 1_024
     stream_max_bytes: int = -1
     http_host: str = "127.0.0.1"
     # 0 picks a free port; the chosen one is printed and shown by /healthz
@@ -106,6 +112,25 @@ class Settings:
     api_keys: list[str] = field(default_factory=list)
     # serve HTTP on a non-loopback http_host without api_keys (behind a proxy that authenticates)
     insecure: bool = False
+    # what user tokens (websockets, the live page) are signed with: at least 32 characters,
+    # best given as RECSYS_TOKEN_SECRET; agents that serve the same users share it. Empty:
+    # one is generated and kept in data_dir/token-secret.
+    token_secret: str = ""
+    # lifetime in seconds of a user token minted without one (recsys-agent token, POST /v1/tokens)
+    ws_ttl_s: int = 3_600
+    # websockets open at once on this agent, at most; more are refused with 503
+    ws_max_sockets: int = 10_000
+    # the largest message a client may send on a socket; a larger one closes it (1009)
+    ws_max_message_bytes: int = 1_048_576
+    # seconds between pings; a client that does not answer in time is disconnected
+    ws_heartbeat_s: float = 30.0
+    # a socket that takes no message for this long (its client stopped reading) is closed (4408)
+    ws_send_timeout_s: float = 10.0
+    # origins (scheme://host[:port]) whose pages may open sockets besides the agent's own;
+    # "*" allows any. Clients that send no Origin (apps, servers) are not browsers: allowed.
+    ws_allowed_origins: list[str] = field(default_factory=list)
+    # the live page may mint tokens for demo users (ids demo-...); `recsys-agent run --demo`
+    demo: bool = False
     max_payload_bytes: int = 65_536
     # budget of one plugin call on the hot path
     stage_timeout_ms: float = 250.0
@@ -162,8 +187,26 @@ class Settings:
         checks: list[tuple[str, bool, str]] = [
             ("nats_port", 0 <= self.nats_port <= 65_535, "must be between 0 and 65535"),
             ("http_port", 0 <= self.http_port <= 65_535, "must be between 0 and 65535"),
+            ("ws_ttl_s", 1 <= self.ws_ttl_s <= 30 * 86_400, "must be between 1 and 2592000 (30 days)"),
+            ("ws_max_sockets", self.ws_max_sockets >= 1, "must be at least 1"),
+            (
+                "ws_max_message_bytes",
+                256 <= self.ws_max_message_bytes <= 64 * 1024 * 1024,
+                "must be between 256 and 64 MiB",
+            ),
+            ("ws_heartbeat_s", self.ws_heartbeat_s > 0, "must be positive"),
+            ("ws_send_timeout_s", self.ws_send_timeout_s > 0, "must be positive"),
+            (
+                "ws_allowed_origins",
+                all(o == "*" or o.startswith(("http://", "https://")) for o in self.ws_allowed_origins),
+                "must be '*' or origins starting with http:// or https://",
+            ),
+            # the secret itself is never quoted (shown() hides it): only what it lacks
+            ("token_secret", not self.token_secret or len(self.token_secret) >= 32, "must be at least 32 characters"),
             ("max_payload_bytes", 256 <= self.max_payload_bytes <= 8 * 1024 * 1024, "must be between 256 and 8 MiB"),
             ("stage_timeout_ms", self.stage_timeout_ms > 0, "must be positive"),
+            ("dlq_max_age_s", self.dlq_max_age_s > 0, "must be positive"),
+            ("dlq_payload_chars", 0 <= self.dlq_payload_chars <= 65_536, "must be between 0 and 65536"),
             ("catalog_timeout_s", self.catalog_timeout_s > 0, "must be positive"),
             (
                 "qdrant_url",
@@ -249,6 +292,10 @@ class Settings:
 
     def subject(self, *parts: str) -> str:
         return ".".join((self.subject_prefix, *parts))
+
+    @property
+    def dlq_stream_name(self) -> str:
+        return f"{self.stream_name}_DLQ"
 
 
 MIN_API_KEY_LENGTH = 16

@@ -39,7 +39,9 @@ async def main() -> None:
     run = uuid.uuid4().hex[:8]
     for n, item in enumerate(["tent", "boots"]):
         event = {"id": f"demo-{run}-{n}", "type": "view", "user_id": "alice", "item_id": item}
-        await js.publish("recsys.events.view", orjson.dumps(event))
+        # wire contract v2: recsys.events.<type>.<user_token>; "alice" is its own token (ids
+        # with other characters travel as "~" + URL-safe base64 of their UTF-8, no padding)
+        await js.publish("recsys.events.view.alice", orjson.dumps(event))
         await asyncio.sleep(0.5)
     reply = await nc.request("recsys.recommend", orjson.dumps({"user_id": "alice", "k": 3}), timeout=5)
     print("pull:", orjson.loads(reply.data)["items"])

@@ -30,12 +30,14 @@ from collections.abc import AsyncIterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
 from agent.bus.kv_snapshots import Snapshots
 from agent.context import AgentContext
 from agent.hooks.specs import hookimpl
+from agent.pipeline.catalog import Catalog
 from agent.pipeline.extras import FUSION_WEIGHTS
 from agent.pipeline.user_state import UserState, UserStore
 from agent.pipeline.values import Candidates, Query, Scored, sorted_unique
@@ -596,3 +598,18 @@ class LearnedFusion:
     @hookimpl
     def recsys_forget_user(self, user_id: str) -> None:
         self.pending.pop(user_id, None)
+
+    @hookimpl
+    def recsys_export_user(self, user_id: str, catalog: Catalog) -> dict[str, Any] | None:
+        ranking = self.pending.get(user_id)
+        if ranking is None:
+            return None
+        # kept until the user's next event, to learn which source proposed what they chose
+        return {
+            "last_ranking": {
+                "segment": ranking.segment,
+                "sources": list(ranking.sources),
+                "candidates": len(ranking.union),
+                "shown": [catalog.ids[int(ranking.union[position])] for position in ranking.shown],
+            }
+        }

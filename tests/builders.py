@@ -21,6 +21,7 @@ from agent.config import Settings, load_settings
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
 from agent.wire.contract import Event, Item
+from agent.wire.user_tokens import user_token
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -144,10 +145,17 @@ class Client:
         await self.nc.subscribe(self.settings.subject("dlq"), cb=on_dlq)
         await self.nc.flush()
 
-    async def publish_event(self, event: dict[str, Any] | bytes, event_type: str | None = None) -> None:
+    async def publish_event(self, event: dict[str, Any] | bytes, subject: str | None = None) -> None:
+        """Publish as an app would: on the event's own v2 subject, or on ``subject`` (a raw body
+        has no user to name)."""
         data = event if isinstance(event, bytes) else orjson.dumps(event)
-        kind = event_type or (event["type"] if isinstance(event, dict) else "view")
-        await self.js.publish(self.settings.subject("events", kind), data)
+        if subject is None:
+            assert isinstance(event, dict), "a raw body needs its subject"
+            subject = self.event_subject(event["type"], event["user_id"])
+        await self.js.publish(subject, data)
+
+    def event_subject(self, event_type: str, user_id: str) -> str:
+        return self.settings.subject("events", event_type, user_token(user_id))
 
     async def upsert(self, items: list[dict[str, Any]] | dict[str, Any] | bytes) -> None:
         data = items if isinstance(items, bytes) else orjson.dumps(items)

@@ -60,29 +60,62 @@ def decide(error: BaseException | None, deliveries: int, max_deliver: int) -> Ve
     return Verdict(Disposition.RETRY, repr(error))
 
 
-def dead_letter_body(reason: str, subject: str, payload: bytes) -> bytes:
-    text = payload[: DLQ_PAYLOAD_CHARS * 4].decode("utf-8", errors="replace")[:DLQ_PAYLOAD_CHARS]
-    return orjson.dumps({"reason": reason, "subject": subject, "payload": text})
+def dead_letter_body(reason: str, subject: str, payload: bytes, payload_chars: int = DLQ_PAYLOAD_CHARS) -> bytes:
+    """A dead letter: why and where from, and the first ``payload_chars`` characters of what
+    was refused (0: none; the excerpt is what tells an operator what was wrong, and also what
+    may name a person, so how much is kept is a setting)."""
+    body: dict[str, str] = {"reason": reason, "subject": subject}
+    if payload_chars > 0:
+        body["payload"] = payload[: payload_chars * 4].decode("utf-8", errors="replace")[:payload_chars]
+    return orjson.dumps(body)
+
+
+def _origin(msg: Msg) -> str:
+    """Which stream message ``msg`` is (stream and sequence), or "" when it has no metadata."""
+    try:
+        return f"{msg.metadata.stream}:{msg.metadata.sequence.stream}"
+    except Exception:
+        return ""
 
 
 class Disposer:
-    def __init__(self, js: JetStreamContext, dlq_subject: str, metrics: Metrics) -> None:
+    def __init__(
+        self, js: JetStreamContext, dlq_subject: str, metrics: Metrics, payload_chars: int = DLQ_PAYLOAD_CHARS
+    ) -> None:
         self.js = js
         self.dlq_subject = dlq_subject
         self.metrics = metrics
+        self.payload_chars = payload_chars
 
-    async def dead_letter(self, reason: str, subject: str, payload: bytes, source: str) -> None:
-        await self.js.publish(self.dlq_subject, dead_letter_body(reason, subject, payload))
+    async def dead_letter(self, reason: str, subject: str, payload: bytes, source: str, origin: str = "") -> None:
+        # every agent refuses a bad catalog message (each consumes the whole catalog): the
+        # stream message it came from names the dead letter, so the stream keeps one
+        headers = {"Nats-Msg-Id": f"dead-letter:{origin}"} if origin else None
+        await self.js.publish(
+            self.dlq_subject, dead_letter_body(reason, subject, payload, self.payload_chars), headers=headers
+        )
         self.metrics.dead_letters.labels(source=source).inc()
         log.info("dead-lettered a message from %s: %s", subject, reason)
+
+    async def _erase_refused(self, msg: Msg) -> None:
+        """A refused event lives on as its dead letter, kept as long as dead letters are
+        (``dlq_max_age_s``, ``dlq_payload_chars``), not in the event stream for as long as
+        events are: it is never applied, and on a subject of the wrong shape or user it would
+        escape the erasure of a forgotten user, which finds a user's events by their subject."""
+        try:
+            await self.js.delete_msg(msg.metadata.stream, msg.metadata.sequence.stream)
+        except Exception as exc:
+            log.warning("could not erase refused event %d from the stream: %s", msg.metadata.sequence.stream, exc)
 
     async def dispose(self, msg: Msg, verdict: Verdict, source: str) -> None:
         if verdict.disposition is Disposition.ACK:
             await msg.ack()
         elif verdict.disposition is Disposition.DEAD_LETTER:
             # If storing the dead letter fails the original is not acked and comes back.
-            await self.dead_letter(verdict.reason, msg.subject, msg.data, source)
+            await self.dead_letter(verdict.reason, msg.subject, msg.data, source, _origin(msg))
             await msg.ack()
+            if source == "events":
+                await self._erase_refused(msg)
         else:
             self.metrics.retries.inc()
             log.warning("will retry a message from %s: %s", msg.subject, verdict.reason)

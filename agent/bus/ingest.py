@@ -25,7 +25,15 @@ from nats.js.errors import NotFoundError
 from agent.bus.disposition import Disposer, decide
 from agent.config import Settings
 from agent.pipeline.pipeline import ApplyOutcome, Pipeline
-from agent.wire.contract import Event, InvalidMessage, decode_json, parse_event, parse_event_subject, parse_items
+from agent.wire.contract import (
+    Event,
+    InvalidMessage,
+    decode_json,
+    parse_event,
+    parse_event_message,
+    parse_items,
+    v1_event_type,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ DRAIN_TIMEOUT_S = 3.0
 IDLE_PROBE_S = 0.002
 IDLE_WAIT_S = 5.0
 FETCH_RETRY_S = 0.1
+# how long the server keeps an agent's catalog consumer after the agent is gone
+CATALOG_CONSUMER_INACTIVE_S = 300.0
 FETCH_RETRY_MAX_S = 5.0
 
 
@@ -92,11 +102,11 @@ async def ensure_streams(js: JetStreamContext, settings: Settings) -> None:
             max_msg_size=8 * 1024 * 1024,
         ),
         api.StreamConfig(
-            name=f"{settings.stream_name}_DLQ",
+            name=settings.dlq_stream_name,
             subjects=[subjects.dlq],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
-            max_age=7 * 86_400.0,
+            max_age=settings.dlq_max_age_s,
         ),
     ]
     for config in wanted:
@@ -149,17 +159,25 @@ class Ingestor:
         self.caught_up = asyncio.Event()
         self.caught_up.set()
         self.rebuild_failures = 0
+        # events stored before this sequence on a v1 subject are applied as v1 (see
+        # agent/bus/contract_upgrade.py)
+        self.v2_from_seq = 0
 
     def _parse_event_message(self, msg: Msg) -> Event:
         """The event a message carries; raises InvalidMessage with the reason it cannot be one."""
-        # The stream takes any subject under '<prefix>.events.>'; only the contract's shape is
-        # applied, anything else is dead-lettered naming the subject to use.
-        subject = parse_event_subject(self.settings.subject_prefix, msg.subject)
         obj = decode_json(msg.data, self.settings.max_payload_bytes)
         # A missing timestamp takes the time the stream stored the message, so a rebuild
         # reproduces exactly the state the first pass built.
         stored_at = _stored_at(msg)
-        event = parse_event(obj, now=stored_at, event_type=subject.type)
+        legacy_type = v1_event_type(self.settings.subject_prefix, msg.subject)
+        if legacy_type is not None and msg.metadata.sequence.stream < self.v2_from_seq:
+            # stored under wire contract v1, before this stream moved to v2: it was accepted
+            # then and stays part of the record
+            event = parse_event(obj, now=stored_at, event_type=legacy_type)
+        else:
+            # The stream takes any subject under '<prefix>.events.>'; only the contract's shape
+            # is applied, anything else is dead-lettered naming the subject to use.
+            event = parse_event_message(self.settings.subject_prefix, msg.subject, obj, now=stored_at)
         event.received_at = stored_at
         return event
 
@@ -183,7 +201,7 @@ class Ingestor:
         for position, (event, seq), outcome in zip(parsed_at, batch, outcomes):
             if isinstance(outcome, Exception):
                 results[position] = outcome
-            elif outcome is not ApplyOutcome.DUPLICATE:
+            elif outcome is ApplyOutcome.APPLIED or outcome is ApplyOutcome.REDELIVERY:
                 results[position] = (event.user_id, event.id if event.id is not None else f"seq:{seq}")
         return results
 
@@ -416,14 +434,20 @@ class Ingestor:
 
     @asynccontextmanager
     async def consuming(self) -> AsyncIterator[None]:
-        """Durable push consumers for the catalog and the events, drained on exit."""
+        """The consumers, drained on exit: the events' durable pull consumer, which agents that
+        share the work share, and a catalog consumer of this agent's own.
+
+        Every agent needs every catalog change, so the catalog consumer is not shared: it is an
+        ephemeral consumer (acknowledged and redelivered like a durable one) from where this
+        start's rebuild ended, which the server removes once its agent is gone."""
+        catalog_config = self._consumer_config(self.settings.catalog_stream_name, 1_000)
+        catalog_config.inactive_threshold = CATALOG_CONSUMER_INACTIVE_S
         catalog_sub = await self.js.subscribe(
             self.subjects.upsert.rsplit(".", 1)[0] + ".>",
-            durable=f"{self.settings.consumer_name}-catalog",
             stream=self.settings.catalog_stream_name,
             cb=self.on_catalog,
             manual_ack=True,
-            config=self._consumer_config(self.settings.catalog_stream_name, 1_000),
+            config=catalog_config,
         )
         await self._ensure_pull_consumer()
         events_sub = await self.js.pull_subscribe(

@@ -39,14 +39,37 @@ async def serve(settings: Settings) -> None:
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
-            starting.cancel()
+            # as often as it takes: nats-py's connect waits inside asyncio.wait_for, which
+            # swallows a cancel that comes as its wait ends (a refused connection), and then
+            # retries the connection as if nothing had been asked
+            while not starting.done():
+                starting.cancel()
+                await asyncio.wait({starting}, timeout=0.1)
             with suppress(asyncio.CancelledError):
                 await starting
             log.info("signal received while starting; stopped")
             return
         stopping.cancel()
         agent = starting.result()
+        if settings.demo:
+            from agent.demo import load_demo_catalog
+
+            # before the banner: whoever opens the page finds the catalog there (embedding it
+            # the first time takes a while: a signal meanwhile stops the agent)
+            loading = asyncio.ensure_future(load_demo_catalog(agent))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not loading.done():
+                loading.cancel()
+                with suppress(asyncio.CancelledError):
+                    await loading
+                log.info("signal received while loading the demo catalog; stopped")
+                return
+            loading.result()
         print(f"recsys-agent listening: NATS {redact_url(agent.nats_url)}  HTTP {agent.http_url}", flush=True)
+        if settings.demo:
+            print(f"demo: open {agent.http_url}/ in a browser (data dir {settings.data_dir})", flush=True)
         if agent.nats_credentials_file is not None:
             # where the secret is, never the secret: a banner ends up in logs
             print(
@@ -59,7 +82,13 @@ async def serve(settings: Settings) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    defaults = None
+    if args.demo and args.data_dir is None:
+        from agent.demo import demo_data_dir
+
+        # its own data dir: the demo's catalog and users never mix with a real deployment's
+        defaults = {"data_dir": str(demo_data_dir())}
+    settings = settings_from_args(args, defaults)
     configure_logging(settings.log_level)
     asyncio.run(serve(settings))
     return 0
@@ -88,12 +117,44 @@ def _nats_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> int:
+    """Print a token for user ``USER_ID`` (websockets: ``/v1/ws?token=``) on stdout and nothing
+    else, so that ``TOKEN=$(recsys-agent token alice)`` works; signed with the agent's secret
+    (``RECSYS_TOKEN_SECRET``, else the data dir's, made on first use)."""
+    from agent.serving.socket_tokens import TokenSigner, token_secret
+
+    settings = settings_from_args(args)
+    try:
+        ttl = args.ttl if args.ttl is not None else settings.ws_ttl_s
+        token, _ = TokenSigner(token_secret(settings)).mint(args.user_id, ttl)
+    except ValueError as exc:
+        print(f"recsys-agent token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
 def build_parser(extra: dict[str, Command]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys-agent", description="Real-time, LLM-assisted recommendation agent")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the agent (embedded NATS unless --nats-url)")
     add_settings_flags(run)
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        default=None,
+        help="load the shipped demo catalog and let the live page (GET /) mint tokens for demo users;"
+        " its own data dir unless --data-dir",
+    )
     run.set_defaults(handler=_run)
+    token = commands.add_parser(
+        "token", help="print a user's token for the websocket (/v1/ws?token=) on stdout, nothing else"
+    )
+    token.add_argument("user_id", metavar="USER_ID")
+    token.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default: setting ws_ttl_s, 3600)")
+    token.add_argument("--config", type=Path, help="TOML settings file")
+    token.add_argument("--data-dir", help="the agent's data dir, where its token secret is kept")
+    token.set_defaults(handler=_token)
     credentials = commands.add_parser(
         "nats-credentials",
         help="print the URL, with user and password, to connect to the agent's embedded nats-server",

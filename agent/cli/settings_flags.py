@@ -22,6 +22,7 @@ SETTINGS_FLAGS = (
     "insecure",
     "subject_prefix",
     "log_level",
+    "demo",
 )
 
 

@@ -297,6 +297,16 @@ def recsys_forget_user(user_id: str) -> Any:
 
 
 @spec(CallMode.ALL)
+def recsys_export_user(user_id: str, catalog: Catalog) -> dict[str, Any] | None:
+    """Return what a plugin holds about ``user_id`` outside the user's extras (which the core
+    exports itself), as JSON-ready data; None when it holds nothing.
+
+    All implementations are called, for a user's request to see their data: whatever
+    ``recsys_forget_user`` would erase should be shown here.
+    """
+
+
+@spec(CallMode.ALL)
 def recsys_http_routes() -> list[web.AbstractRouteDef] | None:
     """Return extra aiohttp routes to serve beside the built-in API. All implementations are called."""
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import pluggy
 
@@ -24,6 +25,7 @@ from agent.pipeline.taste_signals import event_signal
 from agent.pipeline.user_state import Deduplicator, Interaction, UserState, UserStore
 from agent.pipeline.values import Candidates, Query, Scored
 from agent.serving.metrics import Metrics
+from agent.users.jsonable import jsonable
 from agent.wire.contract import Event, InvalidMessage, Item, Recommendations, RecommendedItem
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,13 @@ class ApplyOutcome(Enum):
     REDELIVERY = "redelivery"
     # another message with an event id already applied: counted once, no push
     DUPLICATE = "duplicate"
+    # stored before its user was forgotten (and erased since): never applied, no push
+    FORGOTTEN = "forgotten"
+
+
+# users forgotten lately, whose erased events may still be in hand somewhere (fetched, not
+# applied yet): that many are remembered, and only for that
+MAX_FORGOTTEN = 10_000
 
 
 # A person reads two reasons at most; the weaker sources' would only cost time to compute.
@@ -117,6 +126,9 @@ class Pipeline:
         self._rerank = self.hooks.batch_caller("recsys_rerank_batch")
         self._profile = self.hooks.caller("recsys_profile")
         self._forget = self.hooks.caller("recsys_forget_user")
+        self._export = self.hooks.caller("recsys_export_user")
+        # user id -> (the last stream sequence when they were forgotten, the erased sequences)
+        self._forgotten: OrderedDict[str, tuple[int, frozenset[int]]] = OrderedDict()
         self.context = AgentContext(
             settings=settings, catalog=self.catalog, users=self.users, metrics=self.metrics, clock=lambda: self.clock()
         )
@@ -205,6 +217,8 @@ class Pipeline:
         """The event to apply after validation, deduplication and enrichment, or the outcome
         that says why nothing is to be applied; raises what keeps it from being applied."""
         await self.validate(event)
+        if seq and self._forgotten and self._was_erased(event.user_id, seq):
+            return ApplyOutcome.FORGOTTEN
         key = self.event_key(event, seq)
         verdict = self.dedup.check(key, seq)
         if verdict == "duplicate":
@@ -354,7 +368,41 @@ class Pipeline:
             self.metrics.recommend_seconds.observe(elapsed)
         return out
 
-    async def forget_user(self, user_id: str) -> bool:
+    def _was_erased(self, user_id: str, seq: int) -> bool:
+        forgotten = self._forgotten.get(user_id)
+        return forgotten is not None and (seq <= forgotten[0] or seq in forgotten[1])
+
+    async def forget_user(self, user_id: str, up_to_seq: int = 0, erased_seqs: Iterable[int] = ()) -> bool:
+        """Drop everything held about the user, the plugins' part included (recsys_forget_user);
+        whether the agent held them. An event of theirs stored at or before ``up_to_seq``, or
+        among ``erased_seqs``, is never applied after this, even if it was already fetched."""
+        if up_to_seq or erased_seqs:
+            self._forgotten[user_id] = (up_to_seq, frozenset(erased_seqs))
+            self._forgotten.move_to_end(user_id)
+            if len(self._forgotten) > MAX_FORGOTTEN:
+                self._forgotten.popitem(last=False)
         known = self.users.forget(user_id)
         await self._forget(user_id=user_id)
         return known
+
+    async def export_user(self, user_id: str) -> dict[str, Any]:
+        """What the agent holds about the user in memory, as JSON-ready data."""
+        user = self.users.get(user_id)
+        held: dict[str, Any] = {"in_memory": user is not None}
+        if user is not None:
+            held["event_count"] = user.event_count
+            held["last_ts"] = user.last_ts
+            held["history"] = [
+                {"item_id": self.catalog.ids[i.slot], "type": i.type, "ts": i.ts, "value": i.value} for i in user.recent
+            ]
+            held["seen_items"] = sorted(self.catalog.ids[slot] for slot in user.seen)
+            held["profile"] = await self._profile(user=user)
+            held["extras"] = {key.name: jsonable(value) for key, value in user.extras.items()}
+        plugins = {
+            name: data
+            for name, data in await self.hooks.call("recsys_export_user", user_id=user_id, catalog=self.catalog)
+            if data
+        }
+        if plugins:
+            held["plugins"] = plugins
+        return held

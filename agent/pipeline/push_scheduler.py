@@ -54,6 +54,10 @@ class PushScheduler:
         self._idle.clear()
         self._wake.set()
 
+    def forget(self, user_id: str) -> None:
+        """A push owed to a user who was just forgotten is not made: it would name their events."""
+        self._owed.pop(user_id, None)
+
     def _take(self) -> list[tuple[str, list[str], float]]:
         """The users owed longest, up to ``max_batch``: (user id, event ids, owed since)."""
         taken = []

@@ -22,10 +22,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import server_logger
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from nats.js.errors import NotFoundError
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from agent.config import PortInUse, Settings, redact_url
 from agent.pipeline.pipeline import Pipeline
-from agent.wire.contract import Event, InvalidMessage, decode_json, parse_event
+from agent.wire.contract import Event, InvalidMessage, decode_json, event_subject, parse_event
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +85,14 @@ async def post_events(request: web.Request) -> web.Response:
     objects = body if isinstance(body, list) else [body]
     if not objects:
         return _error(400, "no events")
-    accepted, refusals = await _check_events(state, objects)
+    accepted, refusals = await check_events(state, objects)
     if refusals:
-        return _refused(refusals, is_batch=isinstance(body, list))
-    outcomes = await _publish_all(state, accepted)
-    return _stored_response(outcomes)
+        return refused_response(refusals, is_batch=isinstance(body, list))
+    outcomes = await publish_all(state, accepted)
+    return stored_response(outcomes)
 
 
-async def _check_events(state: ApiState, objects: list[Any]) -> tuple[list[tuple[Event, bytes]], list[Refusal]]:
+async def check_events(state: ApiState, objects: list[Any]) -> tuple[list[tuple[Event, bytes]], list[Refusal]]:
     """The events ready to publish (parsed, validated, serialised), and the refusals."""
     now = time.time()
     accepted: list[tuple[Event, bytes]] = []
@@ -130,7 +132,7 @@ def _serialise(obj: Any) -> bytes:
         raise InvalidMessage(f"the event cannot be stored as JSON: {reason}") from None
 
 
-def _refused(refusals: list[Refusal], *, is_batch: bool) -> web.Response:
+def refused_response(refusals: list[Refusal], *, is_batch: bool) -> web.Response:
     first = refusals[0]
     error = f"event {first.index}: {first.reason}" if is_batch else first.reason
     if len(refusals) > 1:
@@ -151,7 +153,7 @@ class NotTried(Exception):
 NOT_TRIED = NotTried()
 
 
-async def _publish_all(state: ApiState, batch: list[tuple[Event, bytes]]) -> list[PubAck | BaseException]:
+async def publish_all(state: ApiState, batch: list[tuple[Event, bytes]]) -> list[PubAck | BaseException]:
     """Publish ``batch`` PUBLISH_WINDOW at a time; one outcome per event, in request order.
 
     Stops after a window in which a publish failed: the later events are NOT_TRIED."""
@@ -170,10 +172,10 @@ async def _publish(state: ApiState, event: Event, payload: bytes) -> PubAck:
     # JetStream drops a repeat of the same Nats-Msg-Id within its window; the agent's own
     # dedup covers repeats after that.
     headers = {"Nats-Msg-Id": event.id} if event.id is not None else None
-    return await state.js.publish(state.settings.subject("events", event.type), payload, headers=headers)
+    return await state.js.publish(event_subject(state.settings.subject_prefix, event), payload, headers=headers)
 
 
-def _stored_response(outcomes: list[PubAck | BaseException]) -> web.Response:
+def stored_response(outcomes: list[PubAck | BaseException]) -> web.Response:
     """202 with each event's stream sequence, in request order; or, when some were not stored,
     503 naming exactly which were (the client resends only the others: resending an event
     without an id would apply it twice)."""
@@ -241,10 +243,37 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """Whether the agent can serve: 200 when NATS is connected, its streams exist and every
+    catalog item has its vector (when content retrieval is on); else 503 naming what is not."""
+    state = request.app[STATE]
+    settings = state.settings
+    waiting: dict[str, str] = {}
+    nc = state.pipeline.context.nc
+    if nc is None or not nc.is_connected:
+        waiting["nats"] = "not connected"
+    else:
+        for name in (settings.stream_name, settings.catalog_stream_name):
+            try:
+                async with asyncio.timeout(2.0):
+                    await state.js.stream_info(name)
+            except NotFoundError:
+                waiting["streams"] = f"stream {name} does not exist"
+            except Exception as exc:
+                waiting["streams"] = f"stream {name} did not answer ({type(exc).__name__})"
+    if state.pipeline.pm.get_plugin("content") is not None:
+        vectors = int(state.pipeline.metrics.value("recsys_item_vectors"))
+        items = state.pipeline.catalog.active_count()
+        if vectors < items:
+            waiting["catalog_vectors"] = f"{vectors} of {items} items have their vector"
+    return _json({"ready": not waiting, "waiting_for": waiting}, status=503 if waiting else 200)
+
+
 async def metrics_text(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.pipeline.metrics.users.set(len(state.pipeline.users))
-    return web.Response(body=state.pipeline.metrics.render(), content_type="text/plain", charset="utf-8")
+    # Prometheus's text format names its version in the content type
+    return web.Response(body=state.pipeline.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @web.middleware
@@ -279,7 +308,24 @@ class ClientErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 # What answers without a key: probes of load balancers and Prometheus, which carry none, and
 # tell nothing about users. Everything else needs one, routes of plugins included: a route
 # added later is protected unless it is named here.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset(
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        # the API's description, and the live page (whose user proves who they are with a user
+        # token, not a key)
+        "/openapi.json",
+        "/",
+        "/page/app.js",
+        "/page/page.css",
+        # each checks a user token itself (/v1/items takes a key too); /v1/demo/tokens exists
+        # only in demo mode and mints tokens for demo users alone
+        "/v1/ws",
+        "/v1/items",
+        "/v1/demo/tokens",
+    }
+)
 _CHALLENGE = 'Bearer realm="recsys-agent"'
 
 
@@ -328,6 +374,13 @@ def build_app(state: ApiState, extra_routes: list[web.AbstractRouteDef]) -> web.
     app.router.add_get("/v1/users/{user_id}/recommendations", get_recommendations)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/readyz", readyz)
+    # these read this module's STATE: imported here, not where this module is imported
+    from agent.serving import openapi, page, websockets
+
+    websockets.add_routes(app)
+    page.add_routes(app)
+    openapi.add_routes(app)
     app.router.add_routes(extra_routes)
     return app
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -98,6 +106,21 @@ class Metrics:
         self.item_vectors = Gauge(
             "recsys_item_vectors", "Items with an embedding ready for content retrieval", registry=r
         )
+        self.ws_sockets = Gauge("recsys_ws_sockets", "Websockets open", registry=r)
+        self.ws_users = Gauge(
+            "recsys_ws_users", "Users with an open websocket (one NATS subscription each)", registry=r
+        )
+        self.ws_pushes = Counter("recsys_ws_pushes", "Pushes sent on websockets", registry=r)
+        self.ws_pushes_replaced = Counter(
+            "recsys_ws_pushes_replaced", "Pushes a newer one replaced before a slow socket took them", registry=r
+        )
+        self.ws_refused = Counter(
+            "recsys_ws_refused", "Websocket upgrades refused (token, origin, capacity, bus)", ["reason"], registry=r
+        )
+        self.ws_closed = Counter("recsys_ws_closed", "Websockets closed, by why", ["reason"], registry=r)
+        # the process's CPU, memory and open files, and the garbage collector's passes
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

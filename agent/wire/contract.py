@@ -1,4 +1,4 @@
-"""Wire-contract v1 objects and their validation.
+"""Wire-contract v2 objects and their validation.
 
 Parsing is hand-written rather than schema-driven because it runs once per event on the hot
 path; every rejection raises :class:`InvalidMessage` whose text is the reason that goes to the
@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+
+from agent.wire.user_tokens import user_token
 
 EVENT_TYPES: frozenset[str] = frozenset({"view", "click", "add_to_cart", "purchase", "rate", "like", "dislike", "skip"})
 MAX_ID_LENGTH = 256
@@ -232,42 +234,55 @@ def parse_timestamp(value: Any) -> float:
     return ts
 
 
-@dataclass(frozen=True, slots=True)
-class EventSubject:
-    """What an event's subject says about it. Wire contract v2 adds the user token here."""
-
-    type: str
-
-
 def event_subject(prefix: str, event: Event) -> str:
-    """The subject an event is published on: ``<prefix>.events.<type>`` (wire contract v1)."""
-    return f"{prefix}.events.{event.type}"
+    """The subject an event is published on: ``<prefix>.events.<type>.<user_token>`` (wire
+    contract v2). Naming the user lets the stream erase one user's events by subject."""
+    return f"{prefix}.events.{event.type}.{user_token(event.user_id)}"
 
 
-def parse_event_subject(prefix: str, subject: str) -> EventSubject:
-    """Read an event subject; the only place that knows its shape (with :func:`event_subject`).
+def _subject_type(prefix: str, subject: str) -> str | None:
+    """The event type a subject under ``<prefix>.events.`` names, in whatever shape (v1 or v2);
+    None when its first token after ``events`` is no known type."""
+    head = f"{prefix}.events."
+    if not subject.startswith(head):
+        return None
+    first = subject[len(head) :].split(".", 1)[0]
+    return first if first in EVENT_TYPES else None
 
-    Wire contract v1 is exactly ``<prefix>.events.<type>``. Any other shape (``events.foo.view``)
-    is refused rather than guessed at, so that a client on the wrong subject learns it at once.
-    Whether the type is a known one is for :func:`parse_event` to say.
-    """
+
+def v1_event_type(prefix: str, subject: str) -> str | None:
+    """The type a wire contract v1 event subject (exactly ``<prefix>.events.<type>``) names;
+    None for any other subject."""
     head = f"{prefix}.events."
     rest = subject[len(head) :] if subject.startswith(head) else ""
-    if not rest or "." in rest:
-        tokens = rest.split(".") if rest else []
-        known = next((token for token in tokens if token in EVENT_TYPES), "<type>")
+    return rest if rest in EVENT_TYPES else None
+
+
+def parse_event_message(prefix: str, subject: str, obj: Any, *, now: float) -> Event:
+    """The event a stream message carries: its body, checked against its subject.
+
+    The subject must be exactly the one :func:`event_subject` gives for the body (its type and
+    its user's token): a v1 subject (``<prefix>.events.<type>``), another shape, another type or
+    another user's token is refused with a reason that names the subject to publish on, so a
+    client on the wrong subject learns it at once and no event is filed under the wrong user.
+    A body without ``type`` takes the subject's.
+    """
+    event = parse_event(obj, now=now, event_type=_subject_type(prefix, subject), type_from_body=True)
+    expected = event_subject(prefix, event)
+    if subject != expected:
         raise InvalidMessage(
-            f"subject {subject[:200]!r} is not an event subject: publish on '{head}{known}' "
-            f"(wire contract v1: '{head}<type>')"
+            f"subject {subject[:200]!r} does not match the event: publish it on {expected!r} "
+            f"(wire contract v2: '{prefix}.events.<type>.<user_token>')"
         )
-    return EventSubject(type=rest)
+    return event
 
 
-def parse_event(obj: Any, *, now: float, event_type: str | None = None) -> Event:
+def parse_event(obj: Any, *, now: float, event_type: str | None = None, type_from_body: bool = False) -> Event:
     """Validate a decoded JSON value as an Event.
 
-    ``event_type`` is the type named by the subject (``recsys.events.<type>``); when given it must
-    agree with the body, and it fills a body that omits ``type``.
+    ``event_type`` fills a body that omits ``type``; when given it must agree with the body,
+    unless ``type_from_body`` (then the caller checks the two agree, see
+    :func:`parse_event_message`).
 
     The same rules hold on every path in (NATS, HTTP, replay files):
 
@@ -284,7 +299,7 @@ def parse_event(obj: Any, *, now: float, event_type: str | None = None) -> Event
         raise InvalidMessage("missing field 'type'" if body_type is None else "field 'type' must be a string")
     if body_type not in EVENT_TYPES:
         raise InvalidMessage(f"unknown event type {body_type[:64]!r}")
-    if event_type is not None and event_type != body_type:
+    if event_type is not None and event_type != body_type and not type_from_body:
         raise InvalidMessage(f"subject names type {event_type!r} but the body says {body_type!r}")
     user_id = _require_str(obj, "user_id")
     assert user_id is not None

@@ -1,4 +1,4 @@
-"""User tokens: the subject-safe form of a user id (wire contract v1).
+"""User tokens: the subject-safe form of a user id (wire contract v1 and v2).
 
 An id made only of ``[A-Za-z0-9_-]`` is its own token. Any other id becomes ``~`` followed by
 the unpadded URL-safe base64 of its UTF-8 bytes; ``~`` never occurs in a plain token, so the

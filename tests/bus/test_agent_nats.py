@@ -128,7 +128,7 @@ async def test_a_batch_the_stream_refuses_halfway_says_what_was_stored(settings:
         (b'{"type": "view", "user_id": "u", "item_id": "i", "ts": "yesterday"}', "view", "RFC 3339"),
         # the shape of a date, but no such day: dead-lettered with its reason, not retried
         (b'{"type": "view", "user_id": "u", "item_id": "i", "ts": "2024-02-30T00:00:00Z"}', "view", "not a valid date"),
-        (b'{"type": "click", "user_id": "u", "item_id": "i"}', "view", "subject names type"),
+        (b'{"type": "click", "user_id": "u", "item_id": "i"}', "view", "events.click.u'"),
         (
             b'{"type": "view", "user_id": "u", "item_id": "i", "context": {"pad": "' + b"x" * 70_000 + b'"}}',
             "view",
@@ -140,13 +140,13 @@ async def test_bad_event_goes_to_dlq_with_reason(
     settings: Settings, client: Client, payload: bytes, subject_type: str, reason: str
 ) -> None:
     async with Agent(settings) as agent:
-        await client.publish_event(payload, event_type=subject_type)
+        await client.publish_event(payload, subject=client.event_subject(subject_type, "u"))
         await client.publish_event({"id": "ok", "type": "view", "user_id": "u", "item_id": "i"})
         await client.wait_for(lambda: client.dead_letters and "ok" in client.reflected_event_ids())
         assert await _applied(agent) == 1
     [letter] = client.dead_letters
     assert reason in letter["reason"], letter
-    assert letter["subject"] == settings.subject("events", subject_type)
+    assert letter["subject"] == client.event_subject(subject_type, "u")
 
 
 async def test_duplicate_event_id_counts_once(settings: Settings, client: Client) -> None:
@@ -185,7 +185,8 @@ async def test_thousand_events_exactly_once_and_hundred_malformed(settings: Sett
                 {"id": f"ev-{i}", "type": "view", "user_id": f"user-{i % 50}", "item_id": f"item-{(i * 7) % 200}"}
             )
             if i % 10 == 0:
-                await client.publish_event(b'{"type": "view", "user_id": ' + str(i).encode() + b"}")
+                bad = b'{"type": "view", "user_id": ' + str(i).encode() + b"}"
+                await client.publish_event(bad, subject=client.event_subject("view", str(i)))
         await client.wait_for(
             lambda: len(set(client.reflected_event_ids())) == 1000 and len(client.dead_letters) == 100, timeout=60
         )
@@ -210,7 +211,7 @@ async def test_a_burst_is_a_backlog_until_applied(settings: Settings, client: Cl
         assert backlog() == 0
         for i in range(2000):  # core publishes: the client does not wait for the stream
             body = {"id": f"b-{i}", "type": "view", "user_id": f"user-{i % 100}", "item_id": f"item-{i % 50}"}
-            await client.nc.publish(settings.subject("events", "view"), orjson.dumps(body))
+            await client.nc.publish(client.event_subject("view", body["user_id"]), orjson.dumps(body))
         seen: list[int] = []
 
         async def applied() -> bool:
@@ -357,3 +358,24 @@ async def test_two_prefixes_do_not_mix(nats_url: str, tmp_path: Path, client: Cl
         await client.wait_for(lambda: "mine" in client.reflected_event_ids())
         await asyncio.sleep(0.1)
         assert second.metrics.value("recsys_events_applied_total") == 0
+
+
+async def test_agents_that_share_the_work_start_side_by_side_and_each_hold_the_whole_catalog(
+    settings: Settings, client: Client
+) -> None:
+    """Two agents of one deployment (the same settings): the events' consumer is shared, each
+    event applied by one of them; every catalog change reaches both; a bad catalog message is
+    one dead letter, not one per agent."""
+    settings.disabled_plugins = ["content"]
+    async with Agent(settings) as first, Agent(settings) as second:
+        await client.upsert(catalog(20))
+        await client.upsert(b'{"id": "no-title"}')
+        agents = (first, second)
+        await client.wait_for(lambda: all(a.pipeline.catalog.active_count() == 20 for a in agents))
+        for i in range(200):
+            await client.publish_event({"id": f"s-{i}", "type": "view", "user_id": f"u-{i % 20}", "item_id": "item-1"})
+        await client.wait_for(lambda: len(set(client.reflected_event_ids())) == 200, timeout=30)
+        assert sum([await _applied(a) for a in agents]) == 200, "each event applied once, by one agent"
+        await asyncio.sleep(0.5)
+        stored = await client.js.stream_info(settings.dlq_stream_name)
+    assert stored.state.messages == 1, "the bad item is one dead letter"

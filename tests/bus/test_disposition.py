@@ -3,6 +3,7 @@ disposer that carries it out: a dead letter is stored before the original is ack
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -51,7 +52,7 @@ class Recorder:
         self.fail_publish = fail_publish
         self.subject, self.data = "recsys.events.view", b"{}"
 
-    async def publish(self, subject: str, body: bytes) -> Any:
+    async def publish(self, subject: str, body: bytes, headers: dict[str, str] | None = None) -> Any:
         if self.fail_publish:
             raise ConnectionError("no JetStream")
         self.calls.append(f"publish {subject}")
@@ -62,6 +63,14 @@ class Recorder:
     async def nak(self, delay: float | None = None) -> None:
         self.calls.append(f"nak {delay}")
 
+    async def delete_msg(self, stream: str, seq: int) -> bool:
+        self.calls.append(f"erase {stream} {seq}")
+        return True
+
+    @property
+    def metadata(self) -> Any:
+        return SimpleNamespace(stream="EVENTS", sequence=SimpleNamespace(stream=7))
+
 
 async def test_the_settler_stores_the_dead_letter_before_it_acknowledges() -> None:
     recorder = Recorder()
@@ -69,7 +78,8 @@ async def test_the_settler_stores_the_dead_letter_before_it_acknowledges() -> No
     await disposer.dispose(recorder, decide(InvalidMessage("no"), 1, 5), "events")  # type: ignore[arg-type]
     await disposer.dispose(recorder, decide(RuntimeError("later"), 1, 5), "events")  # type: ignore[arg-type]
     await disposer.dispose(recorder, ACK, "events")  # type: ignore[arg-type]
-    assert recorder.calls == ["publish recsys.dlq", "ack", "nak 1.0", "ack"]
+    # a refused event lives on as its dead letter only
+    assert recorder.calls == ["publish recsys.dlq", "ack", "erase EVENTS 7", "nak 1.0", "ack"]
 
 
 async def test_a_dead_letter_that_cannot_be_stored_leaves_the_message_unacknowledged() -> None:

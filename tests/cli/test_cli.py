@@ -42,7 +42,7 @@ async def test_run_with_embedded_defaults_serves_and_stops_its_nats_server(tmp_p
             "recsys.catalog.upsert", orjson.dumps([{"id": "m1", "title": "M1"}, {"id": "m2", "title": "M2"}])
         )
         await nc.jetstream().publish(
-            "recsys.events.view", orjson.dumps({"id": "a1", "type": "view", "user_id": "amy", "item_id": "m1"})
+            "recsys.events.view.amy", orjson.dumps({"id": "a1", "type": "view", "user_id": "amy", "item_id": "m1"})
         )
         async with asyncio.timeout(10):
             await got.wait()
@@ -165,11 +165,16 @@ async def test_a_signal_while_the_bus_is_unreachable_stops_the_start(tmp_path: P
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    await asyncio.sleep(3.0)
-    assert process.returncode is None, "still trying to connect"
-    process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(15):
-        await process.wait()
+    try:
+        await asyncio.sleep(3.0)
+        assert process.returncode is None, "still trying to connect"
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            await process.wait()
+    finally:
+        if process.returncode is None:  # a failed test leaves no agent behind
+            process.kill()
+            await process.wait()
     assert process.returncode == 0
 
 

@@ -335,7 +335,7 @@ async def test_the_deploy_layout_lets_each_role_do_its_part_and_no_more(deploy_s
             while agent.pipeline.catalog.active_count() < 2:
                 await asyncio.sleep(0.02)
         await js.publish(
-            "recsys.events.view", orjson.dumps({"id": "e1", "type": "view", "user_id": "amy", "item_id": "m1"})
+            "recsys.events.view.amy", orjson.dumps({"id": "e1", "type": "view", "user_id": "amy", "item_id": "m1"})
         )
         async with asyncio.timeout(10):
             while not pushes:
@@ -349,19 +349,25 @@ async def test_the_deploy_layout_lets_each_role_do_its_part_and_no_more(deploy_s
         await app_errors.wait_for('Subscription to "recsys.dlq"')
         await app.publish("$JS.API.STREAM.PURGE.RECSYS_EVENTS", b"")
         await app_errors.wait_for('Publish to "$JS.API.STREAM.PURGE.RECSYS_EVENTS"')
+        # ... nor make agents drop a user's state: only agents tell each other of a forget
+        await app.publish("recsys.agents.forget", b'{"user_id": "amy"}')
+        await app_errors.wait_for('Publish to "recsys.agents.forget"')
 
         # the operator: dead letters as they come and stored, the streams' state
-        await js.publish("recsys.events.view", b"not json")
+        await js.publish("recsys.events.view.amy", b"not json")
         async with asyncio.timeout(10):
             while not dead_letters:
                 await asyncio.sleep(0.02)
         ops_js = ops.jetstream()
-        assert (await ops_js.stream_info("RECSYS_EVENTS")).state.messages == 2
+        # the refused event lives on as its dead letter only (the agent erased it from the stream)
+        async with asyncio.timeout(10):
+            while (await ops_js.stream_info("RECSYS_EVENTS")).state.messages != 1:
+                await asyncio.sleep(0.02)
         stored = await ops_js.get_msg("RECSYS_EVENTS_DLQ", 1)
-        assert orjson.loads(stored.data or b"{}")["subject"] == "recsys.events.view"
+        assert orjson.loads(stored.data or b"{}")["subject"] == "recsys.events.view.amy"
         # ... who reads, and writes nothing
-        await ops.publish("recsys.events.view", b"{}")
-        await ops_errors.wait_for('Publish to "recsys.events.view"')
+        await ops.publish("recsys.events.view.amy", b"{}")
+        await ops_errors.wait_for('Publish to "recsys.events.view.amy"')
 
         # another app's account never sees this one's pushes
         await asyncio.sleep(0.2)

@@ -3,6 +3,7 @@ event subjects of another shape. Parsing first, then the same cases over a real 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import aiohttp
@@ -13,11 +14,10 @@ from agent.app import Agent
 from agent.config import Settings
 from agent.wire.contract import (
     MAX_NESTING_DEPTH,
-    Event,
     InvalidMessage,
     event_subject,
     parse_event,
-    parse_event_subject,
+    parse_event_message,
     parse_items,
     parse_timestamp,
 )
@@ -105,22 +105,29 @@ def test_ts_lower_bound_is_the_same_for_numbers_and_text() -> None:
 # -- 4. the event subject ------------------------------------------------------------------------
 
 
-def test_event_subject_is_exactly_prefix_events_type() -> None:
-    assert parse_event_subject("recsys", "recsys.events.view").type == "view"
-    assert parse_event_subject("a.b", "a.b.events.rate").type == "rate"
-    # an unknown type is parse_event's to refuse, with its own reason
-    assert parse_event_subject("recsys", "recsys.events.zap").type == "zap"
-    event = Event(type="click", user_id="u", ts=0.0, item_id="i")
-    assert parse_event_subject("recsys", event_subject("recsys", event)).type == "click"
-    for subject, use in [
-        ("recsys.events.foo.view", "recsys.events.view"),
-        ("recsys.events.view.alice", "recsys.events.view"),
-        ("recsys.events.foo.bar", "recsys.events.<type>"),
-        ("other.events.view", "recsys.events.<type>"),
-        ("recsys.eventsx.view", "recsys.events.<type>"),
+def test_event_subject_is_exactly_prefix_events_type_user_token() -> None:
+    body = {"type": "click", "user_id": "u", "item_id": "i"}
+    assert event_subject("recsys", parse_event(body, now=0)) == "recsys.events.click.u"
+    assert parse_event_message("recsys", "recsys.events.click.u", body, now=0).user_id == "u"
+    assert parse_event_message("a.b", "a.b.events.rate.u", {**body, "type": "rate", "value": 4}, now=0).type == "rate"
+    # a user id that is not subject-safe travels as its token
+    odd = {**body, "user_id": "ann@example.com"}
+    assert parse_event_message("recsys", event_subject("recsys", parse_event(odd, now=0)), odd, now=0).user_id == (
+        "ann@example.com"
+    )
+    # the subject's type fills a body that has none
+    assert parse_event_message("recsys", "recsys.events.like.u", {"user_id": "u", "item_id": "i"}, now=0).type == "like"
+    for subject in [
+        "recsys.events.click",  # wire contract v1
+        "recsys.events.view.u",  # another type
+        "recsys.events.click.bob",  # another user
+        "recsys.events.foo.click.u",
+        "recsys.events.click.u.extra",
+        "other.events.click.u",
+        "recsys.eventsx.click.u",
     ]:
-        with pytest.raises(InvalidMessage, match=f"publish on '{use}'"):
-            parse_event_subject("recsys", subject)
+        with pytest.raises(InvalidMessage, match=re.escape("publish it on 'recsys.events.click.u'")):
+            parse_event_message("recsys", subject, body, now=0)
 
 
 # -- over a real nats-server ---------------------------------------------------------------------
@@ -145,7 +152,7 @@ async def test_deep_context_is_refused_over_http_and_dead_lettered_over_nats(
             response = await http.post("/v1/events", data=deep)
             assert response.status == 400, await response.text()
             assert "field 'context' nests deeper than the limit of 32 levels" in (await response.json())["error"]
-        await client.publish_event(deep, event_type="view")
+        await client.publish_event(deep, subject=client.event_subject("view", "deep-user"))
         await _ok(client, agent, "after-deep")
         assert agent.pipeline.users.get("deep-user") is None, "the deep event is not applied"
     [letter] = client.dead_letters
@@ -190,4 +197,4 @@ async def test_a_subject_of_another_shape_is_dead_lettered_naming_the_subject_to
         assert "odd" not in client.reflected_event_ids()
     [letter] = client.dead_letters
     assert letter["subject"] == settings.subject("events", "foo", "view")
-    assert f"publish on '{settings.subject('events', 'view')}'" in letter["reason"], letter
+    assert f"publish it on '{client.event_subject('view', 'odd-user')}'" in letter["reason"], letter
