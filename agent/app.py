@@ -156,11 +156,15 @@ class Agent:
         log.info("plugins: %s", self._plugins_by_stage())
 
         pushes = PushScheduler(self.pipeline, settings.push_batch)
-        disposer = Disposer(js, settings.subject("dlq"), self.metrics, settings.dlq_payload_chars)
+        disposer = Disposer(
+            js, settings.subject("dlq"), self.metrics, settings.dlq_payload_chars, settings.subject_prefix
+        )
         ingestor = Ingestor(settings, js, self.pipeline, disposer, pushes.schedule)
         pushes.ingest_caught_up = ingestor.caught_up
         user_data = UserData(settings, nc, js, self.pipeline, pushes)
         ingestor.v2_from_seq = user_data.v2_from_seq = await wire_v2_from_seq(js, settings.stream_name)
+        # listening before the rebuild: a forget by another agent meanwhile is not missed
+        await stack.enter_async_context(user_data.listening())
         started = time.perf_counter()
         await ingestor.rebuild()
         log.info(
@@ -172,7 +176,6 @@ class Agent:
         await stack.enter_async_context(self._collector_spared_startup())
         await stack.enter_async_context(pushes.running())
         await stack.enter_async_context(ingestor.consuming())
-        await stack.enter_async_context(user_data.listening())
         await stack.enter_async_context(request_service(nc, settings, self.pipeline, user_data))
 
         routes = user_data_routes(user_data)

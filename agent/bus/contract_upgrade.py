@@ -5,7 +5,7 @@ stream stored on v1 subjects were accepted and applied when they came, so they s
 record: the first start under v2 writes, into the stream's metadata, the sequence from which v2
 holds. A v1 subject stored before it is applied as v1; from it on, it is dead-lettered like
 any other subject of the wrong shape. Forgetting a user also finds their v1 events (see
-agent/users/erasure.py), so nothing is left behind by the upgrade.
+agent/users/stored_records.py), so nothing is left behind by the upgrade.
 """
 
 from __future__ import annotations

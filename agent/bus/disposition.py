@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from agent.wire.contract import InvalidMessage
+from agent.wire.user_tokens import tokens_named
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DLQ_PAYLOAD_CHARS = 1_024
+# on a dead letter: the tokens of the users it is about, comma-separated (tokens hold no comma)
+USER_TOKENS_HEADER = "Recsys-User-Tokens"
 RETRY_DELAY_S = 1.0
 
 
@@ -38,6 +41,8 @@ class Disposition(Enum):
 class Verdict:
     disposition: Disposition
     reason: str = ""
+    # the message itself can never be applied (not a fault of ours that a fix would mend)
+    permanent: bool = False
 
 
 ACK = Verdict(Disposition.ACK)
@@ -54,7 +59,7 @@ def decide(error: BaseException | None, deliveries: int, max_deliver: int) -> Ve
     if error is None:
         return ACK
     if isinstance(error, InvalidMessage):
-        return Verdict(Disposition.DEAD_LETTER, str(error))
+        return Verdict(Disposition.DEAD_LETTER, str(error), permanent=True)
     if deliveries >= max_deliver:
         return Verdict(Disposition.DEAD_LETTER, f"failed {deliveries} times, last error: {error!r}")
     return Verdict(Disposition.RETRY, repr(error))
@@ -80,8 +85,14 @@ def _origin(msg: Msg) -> str:
 
 class Disposer:
     def __init__(
-        self, js: JetStreamContext, dlq_subject: str, metrics: Metrics, payload_chars: int = DLQ_PAYLOAD_CHARS
+        self,
+        js: JetStreamContext,
+        dlq_subject: str,
+        metrics: Metrics,
+        payload_chars: int = DLQ_PAYLOAD_CHARS,
+        subject_prefix: str = "recsys",
     ) -> None:
+        self.subject_prefix = subject_prefix
         self.js = js
         self.dlq_subject = dlq_subject
         self.metrics = metrics
@@ -90,9 +101,13 @@ class Disposer:
     async def dead_letter(self, reason: str, subject: str, payload: bytes, source: str, origin: str = "") -> None:
         # every agent refuses a bad catalog message (each consumes the whole catalog): the
         # stream message it came from names the dead letter, so the stream keeps one
-        headers = {"Nats-Msg-Id": f"dead-letter:{origin}"} if origin else None
+        headers = {"Nats-Msg-Id": f"dead-letter:{origin}"} if origin else {}
+        tokens = tokens_named(self.subject_prefix, subject, payload)
+        if tokens:
+            # whose it is, so that a user's export shows it and their forget erases it
+            headers[USER_TOKENS_HEADER] = ",".join(tokens)
         await self.js.publish(
-            self.dlq_subject, dead_letter_body(reason, subject, payload, self.payload_chars), headers=headers
+            self.dlq_subject, dead_letter_body(reason, subject, payload, self.payload_chars), headers=headers or None
         )
         self.metrics.dead_letters.labels(source=source).inc()
         log.info("dead-lettered a message from %s: %s", subject, reason)
@@ -114,7 +129,10 @@ class Disposer:
             # If storing the dead letter fails the original is not acked and comes back.
             await self.dead_letter(verdict.reason, msg.subject, msg.data, source, _origin(msg))
             await msg.ack()
-            if source == "events":
+            # Only a message that can never be applied: one that failed for a fault of ours
+            # (a plugin's bug) stays in the stream, and the next start, with the fault mended,
+            # applies it.
+            if source == "events" and verdict.permanent:
                 await self._erase_refused(msg)
         else:
             self.metrics.retries.inc()

@@ -41,7 +41,7 @@ def _version() -> str:
 Work = Callable[[Any], Awaitable[dict[str, Any] | bytes]]
 
 
-def _handler(name: str, work: Work, max_bytes: int) -> Callable[[Request], Awaitable[None]]:
+def _handler(nc: NATS, name: str, work: Work, max_bytes: int) -> Callable[[Request], Awaitable[None]]:
     async def handle(request: Request) -> None:
         try:
             answer = await work(decode_json(request.data, max_bytes))
@@ -53,7 +53,13 @@ def _handler(name: str, work: Work, max_bytes: int) -> Callable[[Request], Await
             reason = f"internal error: {type(exc).__name__}"
             await request.respond_error("500", reason, orjson.dumps({"error": reason}))
             return
-        await request.respond(answer if isinstance(answer, bytes) else orjson.dumps(answer))
+        body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
+        if len(body) > nc.max_payload:
+            # a user with thousands of events: an answer NATS cannot carry, said as such
+            reason = f"the answer is {len(body)} bytes, more than NATS carries ({nc.max_payload}): ask over HTTP"
+            await request.respond_error("413", reason, orjson.dumps({"error": reason}))
+            return
+        await request.respond(body)
 
     return handle
 
@@ -106,7 +112,7 @@ async def request_service(nc: NATS, settings: Settings, pipeline: Pipeline, user
     )
     try:
         for name, subject, work, max_bytes in endpoints:
-            await service.add_endpoint(name=name, subject=subject, handler=_handler(name, work, max_bytes))
+            await service.add_endpoint(name=name, subject=subject, handler=_handler(nc, name, work, max_bytes))
         yield
     finally:
         await service.stop()

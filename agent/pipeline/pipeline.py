@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -127,8 +127,8 @@ class Pipeline:
         self._profile = self.hooks.caller("recsys_profile")
         self._forget = self.hooks.caller("recsys_forget_user")
         self._export = self.hooks.caller("recsys_export_user")
-        # user id -> (the last stream sequence when they were forgotten, the erased sequences)
-        self._forgotten: OrderedDict[str, tuple[int, frozenset[int]]] = OrderedDict()
+        # user id -> the last stream sequence when they were forgotten
+        self._forgotten: OrderedDict[str, int] = OrderedDict()
         self.context = AgentContext(
             settings=settings, catalog=self.catalog, users=self.users, metrics=self.metrics, clock=lambda: self.clock()
         )
@@ -369,15 +369,14 @@ class Pipeline:
         return out
 
     def _was_erased(self, user_id: str, seq: int) -> bool:
-        forgotten = self._forgotten.get(user_id)
-        return forgotten is not None and (seq <= forgotten[0] or seq in forgotten[1])
+        return seq <= self._forgotten.get(user_id, 0)
 
-    async def forget_user(self, user_id: str, up_to_seq: int = 0, erased_seqs: Iterable[int] = ()) -> bool:
+    async def forget_user(self, user_id: str, up_to_seq: int = 0) -> bool:
         """Drop everything held about the user, the plugins' part included (recsys_forget_user);
-        whether the agent held them. An event of theirs stored at or before ``up_to_seq``, or
-        among ``erased_seqs``, is never applied after this, even if it was already fetched."""
-        if up_to_seq or erased_seqs:
-            self._forgotten[user_id] = (up_to_seq, frozenset(erased_seqs))
+        whether the agent held them. An event of theirs stored at or before ``up_to_seq`` (all
+        erased by then) is never applied after this, even if it was already fetched."""
+        if up_to_seq:
+            self._forgotten[user_id] = max(up_to_seq, self._forgotten.get(user_id, 0))
             self._forgotten.move_to_end(user_id)
             if len(self._forgotten) > MAX_FORGOTTEN:
                 self._forgotten.popitem(last=False)

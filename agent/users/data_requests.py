@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,9 +26,14 @@ from agent.config import Settings
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.push_scheduler import PushScheduler
 from agent.users.stored_records import StoredMessage, erase, user_dead_letters, user_events
-from agent.wire.contract import MAX_ID_LENGTH, InvalidMessage, event_subject, parse_event
+from agent.wire.contract import MAX_ID_LENGTH, InvalidMessage, event_subject, parse_event, subject_event_type
 
 log = logging.getLogger(__name__)
+
+# passes over a user's events in one forget, at most: each erases what came during the last
+FORGET_PASSES = 3
+
+Moving = Callable[[list[StoredMessage]], Awaitable[None]]
 
 
 def checked_user_id(value: Any, field: str = "user_id") -> str:
@@ -64,20 +69,27 @@ class UserData:
     async def _events(self, user_id: str) -> list[StoredMessage]:
         return [stored async for stored in user_events(self.js, self.settings, user_id, self.v2_from_seq)]
 
-    async def forget(self, user_id: str) -> dict[str, Any]:
+    async def forget(self, user_id: str, before_erasing: Moving | None = None) -> dict[str, Any]:
+        """Erase the user everywhere; ``before_erasing`` is handed each pass's events before they
+        are erased (a merge moves them)."""
         user_id = checked_user_id(user_id)
-        events = await self._events(user_id)
-        erased_events = await erase(self.js, events)
-        # an event published while the first pass ran is erased by a second; anything the
-        # stream stores after the cut-off is a new start (the user came back)
-        up_to_seq = (await self.js.stream_info(self.settings.stream_name)).state.last_seq
-        late = await self._events(user_id)
-        erased_events += await erase(self.js, late)
+        erased_events = 0
+        # Each pass erases what the last found; one that finds nothing proves that every event
+        # of theirs stored up to the cut-off is gone. What the stream stores after it is a new
+        # start (the user came back).
+        up_to_seq = 0
+        for _ in range(FORGET_PASSES):
+            events = await self._events(user_id)
+            if not events and up_to_seq:
+                break
+            if before_erasing is not None and events:
+                await before_erasing(events)
+            erased_events += await erase(self.js, events)
+            up_to_seq = (await self.js.stream_info(self.settings.stream_name)).state.last_seq
         dead_letters = [stored async for stored in user_dead_letters(self.js, self.settings, user_id)]
         erased_dead_letters = await erase(self.js, dead_letters)
-        erased_seqs = sorted({stored.seq for stored in events + late})
-        held = await self._drop_state(user_id, up_to_seq, erased_seqs)
-        notice = {"user_id": user_id, "up_to_seq": up_to_seq, "erased_seqs": erased_seqs}
+        held = await self._drop_state(user_id, up_to_seq)
+        notice = {"user_id": user_id, "up_to_seq": up_to_seq}
         await self.nc.publish(self.notice_subject, orjson.dumps(notice))
         log.info(
             "forgot a user: %d events, %d dead letters erased; state held: %s", erased_events, erased_dead_letters, held
@@ -88,9 +100,9 @@ class UserData:
             "erased": {"events": erased_events, "dead_letters": erased_dead_letters, "state": int(held)},
         }
 
-    async def _drop_state(self, user_id: str, up_to_seq: int, erased_seqs: list[int]) -> bool:
+    async def _drop_state(self, user_id: str, up_to_seq: int) -> bool:
         self.pushes.forget(user_id)
-        return await self.pipeline.forget_user(user_id, up_to_seq=up_to_seq, erased_seqs=erased_seqs)
+        return await self.pipeline.forget_user(user_id, up_to_seq=up_to_seq)
 
     async def export(self, user_id: str) -> dict[str, Any]:
         user_id = checked_user_id(user_id)
@@ -118,24 +130,15 @@ class UserData:
         if from_user == user_id:
             raise InvalidMessage("'from' must name another user")
         moved = 0
-        for stored in await self._events(from_user):
-            body = stored.json()
-            if not isinstance(body, dict):
-                continue
-            body = {**body, "user_id": user_id, "id": merged_event_id(from_user, stored)}
-            try:
-                event = parse_event(body, now=stored.stored_at or 0.0)
-            except InvalidMessage:
-                continue  # it was dead-lettered when it came: nothing to move
-            if body.get("ts") is None:
-                body["ts"] = event.ts
-            ack = await self.js.publish(
-                event_subject(self.settings.subject_prefix, event),
-                orjson.dumps(body),
-                headers={"Nats-Msg-Id": body["id"]},
-            )
-            moved += 0 if ack.duplicate else 1
-        forgotten = await self.forget(from_user)
+
+        async def move(events: list[StoredMessage]) -> None:
+            nonlocal moved
+            for stored in events:
+                moved += await self._move(stored, from_user, user_id)
+
+        # moved pass by pass inside the forget, each pass before it is erased: an event the
+        # visitor sends while the merge runs is moved too, never erased unmoved
+        forgotten = await self.forget(from_user, before_erasing=move)
         return {
             "merged": True,
             "user_id": user_id,
@@ -143,6 +146,29 @@ class UserData:
             "events": moved,
             "forgotten": forgotten["erased"],
         }
+
+    async def _move(self, stored: StoredMessage, from_user: str, user_id: str) -> int:
+        """Store one of the visitor's events again under ``user_id``; 1 when stored, 0 when it
+        was stored already (a merge asked twice) or was never a valid event."""
+        body = stored.json()
+        if not isinstance(body, dict):
+            return 0
+        prefix = self.settings.subject_prefix
+        body = {**body, "user_id": user_id, "id": merged_event_id(from_user, stored)}
+        try:
+            # a body may leave its type to its subject (v2 and v1 alike)
+            event = parse_event(
+                body, now=stored.stored_at or 0.0, event_type=subject_event_type(prefix, stored.subject)
+            )
+        except InvalidMessage:
+            return 0  # it was dead-lettered when it came: nothing to move
+        body["type"] = event.type
+        if body.get("ts") is None:
+            body["ts"] = event.ts
+        ack = await self.js.publish(
+            event_subject(prefix, event), orjson.dumps(body), headers={"Nats-Msg-Id": body["id"]}
+        )
+        return 0 if ack.duplicate else 1
 
     @asynccontextmanager
     async def listening(self) -> AsyncIterator[UserData]:
@@ -153,11 +179,16 @@ class UserData:
                 notice = orjson.loads(msg.data)
                 user_id = checked_user_id(notice.get("user_id"))
                 up_to_seq = int(notice.get("up_to_seq", 0))
-                erased_seqs = [int(seq) for seq in notice.get("erased_seqs", [])]
+                # a notice can name no event the stream has not stored yet: a forged one with a
+                # sequence far ahead would silence the user's events to come
+                last_seq = (await self.js.stream_info(self.settings.stream_name)).state.last_seq
             except (orjson.JSONDecodeError, InvalidMessage, AttributeError, TypeError, ValueError):
                 log.warning("ignored a malformed forget notice on %s", msg.subject)
                 return
-            await self._drop_state(user_id, up_to_seq, erased_seqs)
+            except Exception as exc:
+                log.warning("could not check a forget notice (%s); dropping the state only", type(exc).__name__)
+                last_seq = 0
+            await self._drop_state(user_id, min(up_to_seq, last_seq))
 
         sub = await self.nc.subscribe(self.notice_subject, cb=on_notice)
         try:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -23,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
+from agent.bus.disposition import USER_TOKENS_HEADER
 from agent.config import Settings
 from agent.wire.contract import v1_event_type
 from agent.wire.user_tokens import user_token
@@ -40,6 +42,7 @@ class StoredMessage:
     subject: str
     data: bytes
     stored_at: float | None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
         try:
@@ -80,6 +83,7 @@ async def read_stored(js: JetStreamContext, stream: str, subjects: str) -> Async
                 subject=msg.subject,
                 data=msg.data,
                 stored_at=stamp.timestamp() if stamp else None,
+                headers=dict(msg.headers or {}),
             )
             if msg.metadata.num_pending == 0:
                 return
@@ -97,36 +101,45 @@ async def user_events(
         yield stored
     if v2_from_seq <= 1:
         return
-    async for stored in read_stored(js, settings.stream_name, f"{prefix}.events.*"):
-        if stored.seq >= v2_from_seq:
-            return
-        body = stored.json()
-        if v1_event_type(prefix, stored.subject) and isinstance(body, dict) and body.get("user_id") == user_id:
-            yield stored
+    async with aclosing(read_stored(js, settings.stream_name, f"{prefix}.events.*")) as legacy:
+        async for stored in legacy:
+            if stored.seq >= v2_from_seq:
+                return
+            body = stored.json()
+            if v1_event_type(prefix, stored.subject) and isinstance(body, dict) and body.get("user_id") == user_id:
+                yield stored
 
 
-def names_user(dead_letter: Any, user_id: str, token: str, prefix: str) -> bool:
-    """Whether a dead letter may be about the user: its subject carries their token, or what it
-    kept of the refused message names their id as a JSON string. (A dead letter is refused
-    input, often not valid JSON, so it is matched as text; one that merely quotes the same
-    string elsewhere is erased too, which costs only a diagnostic.)"""
+def names_user(stored: StoredMessage, user_id: str, token: str, prefix: str) -> bool:
+    """Whether a dead letter is about the user: the agent tags each with the tokens of the users
+    it names (agent/bus/disposition.py). One stored before the tags existed is theirs when its
+    v2 subject carries their token or its excerpt, read as JSON, has their ``user_id``: never
+    by a match of text, which would show one user's refused events to another."""
+    tags = stored.headers.get(USER_TOKENS_HEADER)
+    if tags is not None:
+        return token in tags.split(",")
+    dead_letter = stored.json()
     if not isinstance(dead_letter, dict):
         return False
     subject = dead_letter.get("subject")
-    head = f"{prefix}.events."
-    if isinstance(subject, str) and subject.startswith(head):
-        # the v2 shape, <type>.<user_token>, whatever the type named
-        tokens = subject[len(head) :].split(".")
+    if isinstance(subject, str) and subject.startswith(f"{prefix}.events."):
+        tokens = subject[len(f"{prefix}.events.") :].split(".")
         if len(tokens) == 2 and tokens[1] == token:
             return True
     excerpt = dead_letter.get("payload")
-    return isinstance(excerpt, str) and orjson.dumps(user_id).decode() in excerpt
+    if not isinstance(excerpt, str):
+        return False
+    try:
+        body = orjson.loads(excerpt)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("user_id") == user_id
 
 
 async def user_dead_letters(js: JetStreamContext, settings: Settings, user_id: str) -> AsyncIterator[StoredMessage]:
     token = user_token(user_id)
     async for stored in read_stored(js, settings.dlq_stream_name, settings.subject("dlq")):
-        if names_user(stored.json(), user_id, token, settings.subject_prefix):
+        if names_user(stored, user_id, token, settings.subject_prefix):
             yield stored
 
 

@@ -240,7 +240,7 @@ def event_subject(prefix: str, event: Event) -> str:
     return f"{prefix}.events.{event.type}.{user_token(event.user_id)}"
 
 
-def _subject_type(prefix: str, subject: str) -> str | None:
+def subject_event_type(prefix: str, subject: str) -> str | None:
     """The event type a subject under ``<prefix>.events.`` names, in whatever shape (v1 or v2);
     None when its first token after ``events`` is no known type."""
     head = f"{prefix}.events."
@@ -267,7 +267,7 @@ def parse_event_message(prefix: str, subject: str, obj: Any, *, now: float) -> E
     client on the wrong subject learns it at once and no event is filed under the wrong user.
     A body without ``type`` takes the subject's.
     """
-    event = parse_event(obj, now=now, event_type=_subject_type(prefix, subject), type_from_body=True)
+    event = parse_event(obj, now=now, event_type=subject_event_type(prefix, subject), type_from_body=True)
     expected = event_subject(prefix, event)
     if subject != expected:
         raise InvalidMessage(

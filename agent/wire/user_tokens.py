@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import re
 
+import orjson
+
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 MARK = "~"
 
@@ -19,6 +21,27 @@ def user_token(user_id: str) -> str:
         return user_id
     encoded = base64.urlsafe_b64encode(user_id.encode("utf-8")).decode("ascii").rstrip("=")
     return MARK + encoded
+
+
+def tokens_named(prefix: str, subject: str, payload: bytes) -> list[str]:
+    """The tokens of the users a refused event message is about, as far as it says: the token of
+    a v2 subject (``<prefix>.events.<type>.<token>``) and that of the body's ``user_id`` when the
+    body is a JSON object with one. Nothing is guessed from subjects of other shapes: a dead
+    letter is shown to, and erased for, only the users it names."""
+    found: list[str] = []
+    head = f"{prefix}.events."
+    if subject.startswith(head):
+        parts = subject[len(head) :].split(".")
+        if len(parts) == 2 and parts[1]:
+            found.append(parts[1])
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return found
+    user_id = body.get("user_id") if isinstance(body, dict) else None
+    if isinstance(user_id, str) and user_id and user_token(user_id) not in found:
+        found.append(user_token(user_id))
+    return found
 
 
 def user_id_from_token(token: str) -> str:

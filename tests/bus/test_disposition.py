@@ -82,6 +82,15 @@ async def test_the_settler_stores_the_dead_letter_before_it_acknowledges() -> No
     assert recorder.calls == ["publish recsys.dlq", "ack", "erase EVENTS 7", "nak 1.0", "ack"]
 
 
+async def test_an_event_that_failed_for_a_fault_of_ours_stays_in_the_stream() -> None:
+    # dead-lettered after its last delivery, but nothing was wrong with it: the next start,
+    # with the fault mended, applies it
+    recorder = Recorder()
+    disposer = Disposer(recorder, "recsys.dlq", Metrics())  # type: ignore[arg-type]
+    await disposer.dispose(recorder, decide(RuntimeError("a plugin's bug"), 5, 5), "events")  # type: ignore[arg-type]
+    assert recorder.calls == ["publish recsys.dlq", "ack"]
+
+
 async def test_a_dead_letter_that_cannot_be_stored_leaves_the_message_unacknowledged() -> None:
     recorder = Recorder(fail_publish=True)
     disposer = Disposer(recorder, "recsys.dlq", Metrics())  # type: ignore[arg-type]

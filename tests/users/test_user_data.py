@@ -13,10 +13,12 @@ import nats
 import orjson
 
 from agent.app import Agent
+from agent.bus.disposition import USER_TOKENS_HEADER
 from agent.bus.embedded_server import client_url
 from agent.bus.ingest import ensure_streams
 from agent.config import Settings
-from agent.users.stored_records import names_user, read_stored
+from agent.users.stored_records import StoredMessage, names_user, read_stored
+from agent.wire.user_tokens import tokens_named, user_token
 from tests.builders import Client, catalog, offline_settings
 
 FORGOTTEN = "forget-me-5e1f0c"
@@ -186,7 +188,10 @@ async def test_merge_keeps_the_visitors_history_under_the_login_and_forgets_the_
         await client.upsert(catalog(10))
         await client.wait_for(lambda: agent.pipeline.catalog.active_count() == 10)
         await client.publish_event(view("visitor-77", 1, "v-1"))
-        await client.publish_event({"type": "purchase", "user_id": "visitor-77", "item_id": "item-2"})
+        # a body may leave its type to its subject: the merge keeps it all the same
+        await client.publish_event(
+            {"user_id": "visitor-77", "item_id": "item-2"}, subject=client.event_subject("purchase", "visitor-77")
+        )
         await client.publish_event(view("carol", 3, "c-1"))
         await client.wait_for(lambda: "c-1" in client.reflected_event_ids() and len(client.pushes) >= 3)
         async with aiohttp.ClientSession(agent.http_url) as http:
@@ -230,11 +235,26 @@ async def test_events_stored_under_wire_contract_v1_stay_applied_and_can_be_forg
     assert (await client.js.stream_info(settings.stream_name)).state.messages == 0
 
 
-def test_a_dead_letter_is_the_users_when_its_subject_or_excerpt_names_them() -> None:
-    assert names_user({"subject": "recsys.events.view.~YW5u", "payload": "x"}, "ann", "~YW5u", "recsys")
-    assert names_user({"subject": "recsys.dlq", "payload": '{"user_id": "ann", "ty'}, "ann", "ann", "recsys")
-    assert not names_user({"subject": "recsys.events.view", "payload": '{"user_id": "anna"}'}, "ann", "ann", "recsys")
-    assert not names_user({"subject": "recsys.events.view.bob"}, "ann", "ann", "recsys")
-    # a user called "view" does not own every v1 subject's dead letters
-    assert not names_user({"subject": "recsys.events.view", "payload": "{}"}, "view", "view", "recsys")
-    assert not names_user("not a dead letter", "ann", "ann", "recsys")
+def _letter(body: dict[str, Any], tags: str | None = None) -> StoredMessage:
+    headers = {USER_TOKENS_HEADER: tags} if tags is not None else {}
+    return StoredMessage("DLQ", 1, "recsys.dlq", orjson.dumps(body), None, headers)
+
+
+def test_a_dead_letter_is_the_users_when_it_names_them_and_never_by_a_match_of_text() -> None:
+    # tagged by the agent when it dead-letters: the tags decide
+    assert names_user(_letter({"subject": "x"}, "bob,~YW5u"), "ann", "~YW5u", "recsys")
+    assert not names_user(_letter({"payload": '{"user_id": "ann"}'}, "bob"), "ann", "ann", "recsys")
+    # untagged (stored before tags): a v2 subject with their token, or an excerpt with their user_id
+    assert names_user(_letter({"subject": "recsys.events.view.~YW5u"}), "ann", "~YW5u", "recsys")
+    assert names_user(_letter({"subject": "recsys.dlq", "payload": '{"user_id": "ann"}'}), "ann", "ann", "recsys")
+    # another user's refused event that merely mentions the same text is not theirs
+    other = {"subject": "recsys.events.view.bob", "payload": '{"type": "view", "user_id": "bob", "item_id": "item-7"}'}
+    assert not names_user(_letter(other), "item-7", "item-7", "recsys")
+    assert not names_user(_letter(other), "view", "view", "recsys")
+    assert not names_user(_letter({"subject": "recsys.events.view", "payload": "{}"}), "view", "view", "recsys")
+
+
+def test_a_dead_letter_is_tagged_with_the_users_its_message_names() -> None:
+    assert tokens_named("recsys", "recsys.events.view.bob", b'{"user_id": "ann@x"}') == ["bob", user_token("ann@x")]
+    assert tokens_named("recsys", "recsys.events.view", b'{"user_id": "bob"}') == ["bob"]
+    assert tokens_named("recsys", "recsys.events.foo.view.bob", b"not json") == []
