@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "trending": "plugins.trending:Trending",
     "content": "plugins.content:ContentRetrieval",
     "item_to_item": "plugins.item_to_item:ItemToItem",
+    "sequence": "plugins.sequence:SequenceSource",
     "freshness": "plugins.freshness:Freshness",
     "fusion": "plugins.fusion:LearnedFusion",
     "exclude_seen": "plugins.rerankers:ExcludeSeen",
