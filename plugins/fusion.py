@@ -10,9 +10,13 @@ weighted sum of those features.
 Learning is pairwise, as in online learning to rank: when the user's next positive event
 arrives, the item they chose should have outscored the items that were ranked above it; the
 weights take one logistic gradient step towards that, using the features the items had at the
-time of the ranking. Which source predicts best differs between data sets and between new and
-long-standing users, so weights are kept per history-length segment, and redundant sources
-(two popularity horizons that agree) are learned away rather than double-counted.
+time of the ranking. Each weight's step is scaled by the root of its summed squared gradients
+(AdaGrad): a feature whose gradients are small on this stream (a source that rarely proposes
+the chosen item) still moves, and one whose gradients are large settles, so how fast each
+weight learns follows the data rather than one rate set in advance. Which source predicts best
+differs between data sets and between new and long-standing users, so weights are kept per
+history-length segment, and redundant sources (two popularity horizons that agree) are learned
+away rather than double-counted.
 
 The hot path hands over batches (``recsys_fuse_batch``, ``recsys_apply_events``): a batch's
 lists are fused in one set of array operations, and each query's numbers are exactly, to the
@@ -51,6 +55,11 @@ L2 = 1e-4
 RANDOM_NEGATIVES = 20
 MAX_PENDING = 20_000
 SNAPSHOT_KEY = "fusion.weights"
+# the AdaGrad sums beside the weights, under their own key: a snapshot of weights alone (saved
+# before they existed) still loads, its weights then learning at the full rate again
+SQUARES_KEY = "fusion.squares"
+# keeps a step finite while a weight's summed squared gradients are still zero
+EPSILON = 1e-8
 SAVE_EVERY_S = 10.0
 Z_MIN, Z_MAX = -3.0, 10.0
 TINY = float(np.finfo(np.float64).tiny)
@@ -113,6 +122,8 @@ class LearnedFusion:
         self.initial: dict[str, float] = {}
         # segment -> source -> weight
         self.weights: dict[str, dict[str, float]] = {}
+        # segment -> feature -> sum of its squared gradients so far (AdaGrad)
+        self.squares: dict[str, dict[str, float]] = {}
         self.feedbacks = 0
         # user id -> their latest ranking, least recently ranked first; bounded
         self.pending: OrderedDict[str, Ranking] = OrderedDict()
@@ -136,17 +147,8 @@ class LearnedFusion:
         self._metrics = ctx.metrics
         snapshots = Snapshots(ctx.js, f"{ctx.settings.stream_name}_STATE") if ctx.js is not None else None
         if snapshots is not None:
-            saved = await snapshots.load(SNAPSHOT_KEY)
-            if isinstance(saved, dict):
-                for segment, table in saved.items():
-                    if isinstance(table, dict):
-                        # a weight that is not a finite number (NaN is saved as null) is
-                        # learned again rather than failing the start
-                        self.weights[str(segment)] = {
-                            str(k): float(v)
-                            for k, v in table.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                        }
+            self.weights.update(_tables(await snapshots.load(SNAPSHOT_KEY)))
+            self.squares.update(_tables(await snapshots.load(SQUARES_KEY)))
         saver = asyncio.create_task(self._save_periodically(snapshots)) if snapshots is not None else None
         try:
             yield
@@ -156,7 +158,7 @@ class LearnedFusion:
                 with suppress(asyncio.CancelledError):
                     await saver
                 with suppress(Exception):
-                    await snapshots.save(SNAPSHOT_KEY, self.weights)
+                    await self._save(snapshots)
 
     async def _save_periodically(self, snapshots: Snapshots) -> None:
         saved_at = self.feedbacks
@@ -164,10 +166,14 @@ class LearnedFusion:
             await asyncio.sleep(SAVE_EVERY_S)
             if self.feedbacks != saved_at:
                 try:
-                    await snapshots.save(SNAPSHOT_KEY, self.weights)
+                    await self._save(snapshots)
                     saved_at = self.feedbacks
                 except Exception as exc:
                     log.warning("could not save the fusion weights: %s", exc)
+
+    async def _save(self, snapshots: Snapshots) -> None:
+        await snapshots.save(SNAPSHOT_KEY, self.weights)
+        await snapshots.save(SQUARES_KEY, self.squares)
 
     def _weight_list(self, segment: str, sources: list[str], plugins: list[str] | None = None) -> list[float]:
         table = self.weights.setdefault(segment, {})
@@ -548,11 +554,16 @@ class LearnedFusion:
             # a source new to the segment starts at its initial weight
             self._weight_list(segment, list(sources))
         arrays = {segment: np.array(list(self.weights[segment].values())) for segment, _ in layouts}
+        # each weight's summed squared gradients, in the order of its segment's weights
+        sums = {
+            segment: np.array([self.squares.get(segment, {}).get(s, 0.0) for s in self.weights[segment]])
+            for segment in arrays
+        }
         index = {segment: {s: i for i, s in enumerate(self.weights[segment])} for segment in arrays}
         places = {(segment, sources): np.array([index[segment][s] for s in sources]) for segment, sources in layouts}
-        rate, decay = self.learning_rate, self.learning_rate * L2
+        rate = self.learning_rate
         for (segment, sources), differences in steps:
-            values, place = arrays[segment], places[segment, sources]
+            values, squares, place = arrays[segment], sums[segment], places[segment, sources]
             weights = values[place]
             # Elementwise products and sums, not matrix products: the same numbers whichever
             # batch the pairs came in (a BLAS kernel may add in another order on another
@@ -560,11 +571,15 @@ class LearnedFusion:
             margins = np.add.reduce(differences * weights, axis=1)
             # logistic pairwise loss: pairs already ordered well barely move the weights
             pull = 1.0 / (1.0 + np.exp(np.minimum(np.maximum(margins, -30.0), 30.0)))
-            gradient = np.add.reduce(differences * pull[:, None], axis=0)
-            values[place] = weights + (rate * gradient / len(differences) - decay * weights)
+            gradient = np.add.reduce(differences * pull[:, None], axis=0) / len(differences) - L2 * weights
+            summed = squares[place] + gradient * gradient
+            squares[place] = summed
+            values[place] = weights + rate * gradient / (np.sqrt(summed) + EPSILON)
         for segment, values in arrays.items():
             table = self.weights[segment]
-            table.update(zip(list(table), values.tolist(), strict=True))
+            features = list(table)
+            table.update(zip(features, values.tolist(), strict=True))
+            self.squares[segment] = dict(zip(features, sums[segment].tolist(), strict=True))
         self.feedbacks += len(steps)
 
     @staticmethod
@@ -613,3 +628,20 @@ class LearnedFusion:
                 "shown": [catalog.ids[int(ranking.union[position])] for position in ranking.shown],
             }
         }
+
+
+def _tables(saved: object) -> dict[str, dict[str, float]]:
+    """segment -> feature -> number, from a snapshot as loaded; anything else in it is dropped.
+    A number that is not finite (NaN is saved as null) is learned again rather than failing
+    the start."""
+    if not isinstance(saved, dict):
+        return {}
+    return {
+        str(segment): {
+            str(k): float(v)
+            for k, v in table.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        for segment, table in saved.items()
+        if isinstance(table, dict)
+    }

@@ -1,0 +1,78 @@
+"""The fusion's per-weight (AdaGrad) steps and their snapshot."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import numpy as np
+import pytest
+
+from agent.app import Agent
+from agent.config import Settings
+from agent.pipeline.catalog import Catalog
+from agent.pipeline.user_state import UserState, UserStore
+from agent.pipeline.values import Candidates, Query
+from plugins.fusion import SNAPSHOT_KEY, SQUARES_KEY, LearnedFusion
+from tests.builders import Client
+
+
+def held_user(users: UserStore, user_id: str, event_count: int) -> UserState:
+    user = UserState(user_id=user_id, recent=deque(maxlen=50))
+    user.event_count = event_count
+    users._users[user_id] = user  # the agent holds this user
+    return user
+
+
+def query(user: UserState, k: int = 3) -> Query:
+    return Query(user=user, k=k, now=0.0, catalog=Catalog(), n_candidates=10)
+
+
+def test_every_weight_takes_its_own_step_size_from_its_gradients() -> None:
+    # AdaGrad: a weight's first step is the learning rate whatever its gradient's size (a
+    # source whose features barely tell the chosen item apart still moves), and its steps
+    # shrink as its squared gradients add up. Plain gradient steps would be proportional to
+    # each gradient instead.
+    users = UserStore(50, 100)
+    plugin = LearnedFusion()
+    plugin._users = users
+    user = held_user(users, "u", 30)
+    steps = []
+    for _ in range(6):
+        plugin.recsys_fuse(
+            query(user),
+            [
+                Candidates("right", np.array([1, 2, 3, 4, 5]), np.array([5.0, 4.0, 3.0, 2.0, 1.0]), "x"),
+                # puts the chosen item second only: its gradient is a fraction of "right"'s
+                Candidates("close", np.array([2, 5, 1, 3, 4]), np.array([5.0, 4.0, 3.0, 2.0, 1.0]), "y"),
+            ],
+        )
+        sources = plugin.pending["u"].sources
+        before = dict(plugin.weights["long"])
+        plugin.recsys_apply_event(user, 5, 1.0)
+        steps.append({f: plugin.weights["long"][f] - before[f] for f in sources})
+    assert plugin.feedbacks == 6
+    first = steps[0]
+    rate = plugin.learning_rate
+    squares = plugin.squares["long"]
+    assert squares["close"] != squares["right"], "the gradients differ in size"
+    assert abs(first["right"]) == pytest.approx(rate, rel=1e-6)
+    assert abs(first["close"]) == pytest.approx(rate, rel=1e-6), "a small gradient's step is as large"
+    assert abs(steps[-1]["right"]) < abs(first["right"]), "steps shrink as squared gradients add up"
+    assert set(squares) == set(plugin.weights["long"])
+
+
+async def test_a_snapshot_from_before_the_adagrad_sums_or_with_unknown_features_still_starts(
+    settings: Settings, client: Client
+) -> None:
+    kv = await client.js.create_key_value(bucket=f"{settings.stream_name}_STATE", history=1)
+    # weights saved by a fusion without squared-gradient sums, one feature it never knew
+    await kv.put(SNAPSHOT_KEY, json.dumps({"long": {"trending": 0.5, "gone@rank": 2.0}}).encode())
+    await kv.put(SQUARES_KEY, b"[not a table]")
+    async with Agent(settings) as agent:
+        fusion = agent.pm.get_plugin("fusion")
+        assert fusion.weights["long"] == {"trending": 0.5, "gone@rank": 2.0}
+        assert fusion.squares == {}
+        fusion.squares["long"] = {"trending": 3.0}
+    async with Agent(settings) as agent:
+        assert agent.pm.get_plugin("fusion").squares == {"long": {"trending": 3.0}}
