@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import zlib
 from pathlib import Path
 
@@ -38,3 +39,27 @@ def select_events(events: list[Event], *, sample_users: float | None = None, lim
     if limit is not None:
         events = events[:limit]
     return events
+
+
+def shuffle_ties(events: list[Event], seed: int) -> list[Event]:
+    """``events`` (in replay order) with the events of each user that share a timestamp (a
+    basket) in a random order, reproducible by ``seed``; everything else stays in place.
+
+    Replay order breaks such ties by item id, an order no user chose; shuffling them shows
+    whether a figure depends on it (with the basket protocol it must not: a basket is one step).
+    """
+    rng = random.Random(seed)
+    shuffled: list[Event] = []
+    start = 0
+    for position in range(1, len(events) + 1):
+        if (
+            position == len(events)
+            or events[position].ts != events[start].ts
+            or events[position].user_id != events[start].user_id
+        ):
+            tie = events[start:position]
+            if len(tie) > 1:
+                rng.shuffle(tie)
+            shuffled.extend(tie)
+            start = position
+    return shuffled

@@ -5,11 +5,21 @@ the agent runs. Before an event of a user who already has history is applied, th
 and every baseline rank all catalog items that user has not interacted with, and the true item
 is scored: hit rate@k, and NDCG@k with one relevant item (1 / log2(rank + 1), rank from 1).
 
+Steps (``ReplayOptions.ties``, ``--ties``). With ``basket`` (the default), the events of one user
+that share a timestamp (a basket, a burst of ratings) are one step: ranked once, before any of
+them is applied; each of them is scored against that one list; then all are applied. Ordering
+such ties by item id would let a model learn the id order instead of the user, and one event
+of a basket would be scored against a list that already knew the others. With ``order`` every
+event is its own step, ties in replay order (the protocol before baskets, kept for comparison).
+A step's list is one list whatever the order of the step's events, so with ``basket`` the
+scores cannot depend on that order.
+
 Rules, identical for the pipeline and the baselines:
 
-- Only users with at least one applied event before this one are evaluated.
-- A repeat (the user already interacted with the true item) is applied but not evaluated:
-  nobody is allowed to recommend a seen item, so it would be a guaranteed miss for all.
+- Only users with at least one applied event before the step are evaluated.
+- A repeat (the user already interacted with the true item, before the step or earlier in the
+  same step) is applied but not evaluated: nobody is allowed to recommend a seen item, so it
+  would be a guaranteed miss for all; within a step, the item is scored once.
 - ``dislike`` and ``skip`` events are applied but not evaluated (the user did not want the
   item) and teach the baselines nothing.
 - An event whose item is not in the catalog is evaluated as a miss: it cannot be recommended.
@@ -17,19 +27,24 @@ Rules, identical for the pipeline and the baselines:
   evaluated nor shown to the baselines.
 - Baseline ties go in catalog order (the order of ``items.jsonl``).
 
-Batches (``ReplayOptions.batch``, ``--batch``): consecutive events of distinct users are ranked
-together before any of them is applied, as the live agent ranks the users owed a push together
-under load; a user's second event ends the batch. A batch of 1 is the one-event-at-a-time
-protocol. The baselines are always fed one event at a time, so at larger batches the pipeline
-alone pays for the staleness of ranking before the batch's other events are learned.
+Batches (``ReplayOptions.batch``, ``--batch``): up to ``batch`` consecutive steps of distinct
+users are ranked together before any of them is applied, as the live agent ranks the users owed
+a push together under load; a user's second step ends the batch. A batch of 1 is the
+one-step-at-a-time protocol. The baselines are always fed one step at a time, so at larger
+batches the pipeline alone pays for the staleness of ranking before the batch's other steps are
+learned.
+
+Intervals: the report gives paired bootstrap 95 % intervals (over users) for every system's
+NDCG and for the pipeline's ratio to the best baseline (``intervals``).
 
 Loading the files and the catalog (which may embed every item) are separate, timed phases;
 ``events_per_s`` covers the event loop: pipeline ranking and applying, the harness, and the
 baselines (in a second process by default, so only waiting for their last chunk counts).
 
-This module is the protocol loop. Beside it: ``events`` (reading and sampling the events),
-``scoring`` (hit rate, NDCG), ``report`` (the result, its JSON, table and plot), ``profiling``
-(``--profile``: time by module) and ``replay_command`` (the ``recsys-agent replay`` command).
+This module is the protocol loop. Beside it: ``events`` (reading, sampling and shuffling the
+events), ``scoring`` (hit rate, NDCG), ``intervals`` (the bootstrap), ``report`` (the result, its
+JSON, table and plot), ``profiling`` (``--profile``: time by module) and ``replay_command`` (the
+``recsys-agent replay`` command).
 """
 
 from __future__ import annotations
@@ -38,7 +53,7 @@ import asyncio
 import cProfile
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +61,8 @@ import numpy as np
 from tqdm import tqdm
 
 from agent.evaluation.baselines import (
+    ALS_EVERY,
+    ALS_FACTORS,
     APPLIED,
     BASELINES,
     DAY_S,
@@ -55,15 +72,20 @@ from agent.evaluation.baselines import (
     BaselineConfig,
     BaselineProcess,
     InlineBaselines,
-    ItemKNN,
     StreamArrays,
+    check_baselines,
 )
+from agent.evaluation.intervals import RESAMPLES, paired_bootstrap
 from agent.evaluation.report import ReplayResult
 from agent.evaluation.scoring import PIPELINE, Score, gains_table
 from agent.pipeline.extras import FUSION_WEIGHTS
 from agent.pipeline.pipeline import ApplyOutcome, Pipeline
 from agent.pipeline.values import Scored
 from agent.wire.contract import Event, InvalidMessage, Item
+
+TIES_BASKET = "basket"
+TIES_ORDER = "order"
+TIES = (TIES_BASKET, TIES_ORDER)
 
 UPSERT_BATCH = 1_024
 PROGRESS_EVERY = 256
@@ -81,8 +103,15 @@ class ReplayOptions:
     # run the baselines in a second process, beside the event loop
     baselines_process: bool = False
     progress: bool = True
-    # events ranked together, then applied together (1: one event at a time)
+    # steps ranked together, then applied together (1: one step at a time)
     batch: int = 32
+    # "basket": a user's events with one timestamp are one step; "order": one event, one step
+    ties: str = TIES_BASKET
+    # implicit's ALS baseline: retrained every als_every positive events, with als_factors factors
+    als_every: int = ALS_EVERY
+    als_factors: int = ALS_FACTORS
+    # bootstrap resamples for the intervals (0: no intervals)
+    bootstrap: int = RESAMPLES
 
 
 async def load_catalog(pipeline: Pipeline, items: list[Item], progress: bool) -> None:
@@ -119,12 +148,13 @@ def item_numbers(items: list[Item], events: list[Event]) -> tuple[int, np.ndarra
     return n_items, numbers
 
 
-def stream_arrays(events: list[Event], numbers: np.ndarray) -> StreamArrays:
+def stream_arrays(events: list[Event], numbers: np.ndarray, steps: list[tuple[int, int]]) -> StreamArrays:
     codes: dict[str, int] = {}
     users = np.fromiter((codes.setdefault(e.user_id, len(codes)) for e in events), dtype=np.int64, count=len(events))
     ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
     negative = np.fromiter((e.type in NEGATIVE_TYPES for e in events), dtype=bool, count=len(events))
-    return StreamArrays(users=users, items=numbers, ts=ts, negative=negative)
+    step_starts = np.fromiter((start for start, _ in steps), dtype=np.int64, count=len(steps))
+    return StreamArrays(users=users, items=numbers, ts=ts, negative=negative, step_starts=step_starts)
 
 
 async def replay(
@@ -141,11 +171,15 @@ async def replay(
     """
     if options.batch < 1:
         raise ValueError("the batch size must be at least 1")
+    if options.ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(TIES)}, got {options.ties!r}")
+    if options.bootstrap < 0:
+        raise ValueError("the number of bootstrap resamples must not be negative")
     timings: dict[str, float] = {}
     n_items, numbers = item_numbers(items, events)
-    if "item_knn" in options.baselines:
-        # refused before the catalog is loaded (and embedded), not after
-        ItemKNN.check_size(n_items)
+    # refused before the catalog is loaded (and embedded), not after
+    check_baselines(options.baselines, n_items)
+    steps = list(step_bounds(events, options.ties))
     started = time.perf_counter()
     await load_catalog(pipeline, items, options.progress)
     timings["catalog"] = time.perf_counter() - started
@@ -156,20 +190,22 @@ async def replay(
         half_life_s=options.half_life_s,
         knn_window=options.knn_window,
         knn_similarity=options.knn_similarity,
+        als_every=options.als_every,
+        als_factors=options.als_factors,
     )
-    stream = stream_arrays(events, numbers)
+    stream = stream_arrays(events, numbers, steps)
     runner: InlineBaselines | BaselineProcess = (
         BaselineProcess(config, stream)
         if options.baselines_process and options.baselines
         else InlineBaselines(config, stream)
     )
     try:
-        loop = _EventLoop(pipeline, n_items, numbers.tolist(), runner, options, len(events))
+        loop = _EventLoop(pipeline, n_items, numbers.tolist(), stream.users.tolist(), runner, options, len(events))
         started = time.perf_counter()
         if profiler is not None:
             profiler.enable()
         try:
-            await loop.run(events)
+            await loop.run(events, steps)
         finally:
             if profiler is not None:
                 profiler.disable()
@@ -198,6 +234,17 @@ async def replay(
         if len(ranks) != evaluated:
             raise RuntimeError(f"baseline {name} evaluated {len(ranks)} events, the pipeline {evaluated}")
         baseline_scores.append(Score.from_ranks(name, ranks, loop.gains))
+    intervals = None
+    if options.bootstrap:
+        started = time.perf_counter()
+        intervals = paired_bootstrap(
+            loop.pipeline_score.ndcg[:evaluated],
+            {score.name: score.ndcg for score in baseline_scores},
+            loop.evaluated_users[:evaluated],
+            pipeline_name=PIPELINE,
+            resamples=options.bootstrap,
+        )
+        timings["bootstrap"] = time.perf_counter() - started
     return ReplayResult(
         k=options.k,
         events=len(events),
@@ -215,6 +262,11 @@ async def replay(
         fusion_weights=_fusion_weights(pipeline),
         batch=options.batch,
         batches=loop.batches,
+        ties=options.ties,
+        steps=len(steps),
+        lists=loop.lists,
+        intervals=intervals,
+        baseline_training=baseline_results.training,
     )
 
 
@@ -231,13 +283,14 @@ def _fusion_weights(pipeline: Pipeline) -> dict[str, dict[str, float]]:
 class _EventLoop:
     """The per-event work of :func:`replay`, with its counters; kept lean, it runs 100k times.
 
-    Events go through in batches: a run of consecutive events of distinct users, up to
-    ``options.batch`` (a user's second event starts the next batch). Every evaluated event of
-    a batch is ranked in one ``rank_batch`` call before any event of the batch is applied, and
-    the batch is then applied with one ``apply_events`` call: what the live agent does under
-    load (the push worker ranks the users owed a push together, the consumer applies what it
-    fetched together). With distinct users no event of a batch can change another's history,
-    so a batch of one is exactly the one-event-at-a-time protocol.
+    Events go through in steps (a user's basket, or one event) and steps in batches: a run of
+    consecutive steps of distinct users, up to ``options.batch`` (a user's second step starts
+    the next batch). Every step of a batch with an evaluated event gets one list, all ranked in
+    one ``rank_batch`` call before any event of the batch is applied, and the batch is then
+    applied with one ``apply_events`` call: what the live agent does under load (the push
+    worker ranks the users owed a push together, the consumer applies what it fetched
+    together). With distinct users no step of a batch can change another's history, so a batch
+    of one is exactly the one-step-at-a-time protocol.
     """
 
     def __init__(
@@ -245,6 +298,7 @@ class _EventLoop:
         pipeline: Pipeline,
         n_items: int,
         numbers: list[int],
+        user_codes: list[int],
         runner: InlineBaselines | BaselineProcess,
         options: ReplayOptions,
         n_events: int,
@@ -252,10 +306,13 @@ class _EventLoop:
         self.pipeline = pipeline
         self.n_items = n_items
         self.numbers = numbers
+        self.user_codes = user_codes
         self.runner = runner
         self.options = options
         self.gains = gains_table(options.k)
         self.pipeline_score = Score(PIPELINE, np.zeros(n_events, dtype=np.float32))
+        # the user of each evaluated event: the bootstrap resamples users
+        self.evaluated_users = np.zeros(n_events, dtype=np.int64)
         self.rank_ms = np.zeros(n_events)
         self.apply_ms_evaluated = np.zeros(n_events)
         self.apply_ms = np.zeros(n_events)
@@ -273,9 +330,11 @@ class _EventLoop:
         self.first_rejection: str | None = None
         self.rank_s = self.apply_s = self.background_s = 0.0
         self.batches = 0
+        # lists the pipeline ranked (one per step with an evaluated event)
+        self.lists = 0
         self.now = 0.0
 
-    async def run(self, events: list[Event]) -> None:
+    async def run(self, events: list[Event], steps: list[tuple[int, int]]) -> None:
         pipeline = self.pipeline
         wall_clock = pipeline.clock
         # Event time, not wall time, for every time-aware stage.
@@ -289,8 +348,9 @@ class _EventLoop:
                 file=sys.stderr,
                 mininterval=0.5,
             ) as bar:
-                for start, stop in batch_bounds(events, self.options.batch):
-                    await self._batch(events, start, stop)
+                for batch in batch_steps(events, steps, self.options.batch):
+                    start, stop = batch[0][0], batch[-1][1]
+                    await self._batch(events, batch)
                     # Yield where the one-at-a-time loop yielded (before events 1, 17, 33, ...),
                     # once per batch: hooks that return plain values never suspend, and the
                     # plugins' background tasks (the slow path) must progress as they would live.
@@ -304,25 +364,34 @@ class _EventLoop:
         finally:
             pipeline.clock = wall_clock
 
-    async def _batch(self, events: list[Event], start: int, stop: int) -> None:
-        """Rank the evaluated events of ``events[start:stop]`` (distinct users) together, apply
-        them all, then score each against its own list."""
+    async def _batch(self, events: list[Event], steps: list[tuple[int, int]]) -> None:
+        """Rank one list per step of ``steps`` (consecutive, of distinct users) that has an
+        evaluated event, apply all their events, then score each evaluated event against its
+        step's list."""
         pipeline = self.pipeline
+        start, stop = steps[0][0], steps[-1][1]
         batch = events[start:stop]
-        evaluate = [
-            self._should_evaluate(event, self.history.get(event.user_id), self.numbers[position])
-            for position, event in enumerate(batch, start=start)
-        ]
+        # per event: the index of its step's list in ``ranked``, or None when not evaluated
+        list_of: list[int | None] = []
         queries = []
         # the true items' slots as the lists saw the catalog: applying gives an unknown item one
         true_slots: list[int | None] = []
-        for event, wanted in zip(batch, evaluate):
+        for step_start, step_stop in steps:
+            history = self.history.get(events[step_start].user_id)
+            in_step: set[int] = set()
+            wanted = False
+            for position in range(step_start, step_stop):
+                event, number = events[position], self.numbers[position]
+                evaluate = self._should_evaluate(event, history, number, in_step)
+                in_step.add(number)
+                list_of.append(len(queries) if evaluate else None)
+                wanted = wanted or evaluate
+                evaluated_item = event.item_id if evaluate else None
+                true_slots.append(pipeline.catalog.slot(evaluated_item) if evaluated_item is not None else None)
             if wanted:
-                assert event.item_id is not None
-                # each query at its own event's time, as one at a time
-                self.now = event.ts
-                queries.append(pipeline.make_query(event.user_id, self.options.k))
-                true_slots.append(pipeline.catalog.slot(event.item_id))
+                # each list at its step's time, as one at a time
+                self.now = events[step_start].ts
+                queries.append(pipeline.make_query(events[step_start].user_id, self.options.k))
         rank_ms = 0.0
         ranked: list[list[Scored]] = []
         if queries:
@@ -330,6 +399,7 @@ class _EventLoop:
             ranked = await pipeline.rank_batch(queries)
             elapsed = time.perf_counter() - started
             self.rank_s += elapsed
+            self.lists += len(queries)
             # the batch's time shared by its lists: the cost of one list, not any one's wait
             rank_ms = elapsed * 1000.0 / len(queries)
         # applied at the time of the batch's latest event (events are in time order)
@@ -341,9 +411,10 @@ class _EventLoop:
         self.apply_s += elapsed
         apply_ms = elapsed * 1000.0 / len(batch)
         self.batches += 1
-        lists = iter(zip(ranked, true_slots))
-        for position, (event, wanted, outcome) in enumerate(zip(batch, evaluate, outcomes), start=start):
-            self._score(event, position, next(lists) if wanted else None, outcome, rank_ms, apply_ms)
+        for i, (event, outcome) in enumerate(zip(batch, outcomes)):
+            index = list_of[i]
+            scored = (ranked[index], true_slots[i]) if index is not None else None
+            self._score(event, start + i, scored, outcome, rank_ms, apply_ms)
 
     def _score(
         self,
@@ -374,6 +445,7 @@ class _EventLoop:
             ranked_position, sources = _position(*ranked)
             self.rank_ms[self.pipeline_score.count] = rank_ms
             self.apply_ms_evaluated[self.pipeline_score.count] = apply_ms
+            self.evaluated_users[self.pipeline_score.count] = self.user_codes[position]
             self.pipeline_score.add(ranked_position, self.gains)
             if 0 < ranked_position <= self.options.k:
                 for source in set(sources):
@@ -384,14 +456,16 @@ class _EventLoop:
             history = self.history[event.user_id] = set()
         history.add(self.numbers[position])
 
-    def _should_evaluate(self, event: Event, history: set[int] | None, number: int) -> bool:
+    def _should_evaluate(self, event: Event, history: set[int] | None, number: int, in_step: set[int]) -> bool:
+        """Whether ``event`` is scored; ``history``: the user's items before its step,
+        ``in_step``: the items of the step's earlier events."""
         if history is None:
             self.counts["no_history"] += 1
             return False
         if event.type in NEGATIVE_TYPES:
             self.counts["negative_feedback"] += 1
             return False
-        if number in history:
+        if number in history or number in in_step:
             self.counts["repeats"] += 1
             return False
         if number >= self.n_items:
@@ -399,19 +473,50 @@ class _EventLoop:
         return True
 
 
-def batch_bounds(events: Sequence[Event], size: int) -> Iterator[tuple[int, int]]:
-    """(start, stop) of each batch: the longest run of consecutive events of distinct users, up
-    to ``size`` events."""
+def step_bounds(events: Sequence[Event], ties: str = TIES_BASKET) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each step: with ``basket``, the longest run of consecutive events of one
+    user with one timestamp (replay order puts a user's tied events together); with ``order``,
+    each event alone."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+    if ties == TIES_ORDER:
+        for position in range(len(events)):
+            yield position, position + 1
+        return
     start = 0
-    users: set[str] = set()
-    for position, event in enumerate(events):
-        if position - start >= size or event.user_id in users:
+    for position in range(1, len(events) + 1):
+        if (
+            position == len(events)
+            or events[position].user_id != events[start].user_id
+            or events[position].ts != events[start].ts
+        ):
             yield start, position
             start = position
+
+
+def batch_steps(
+    events: Sequence[Event], steps: Iterable[tuple[int, int]], size: int
+) -> Iterator[list[tuple[int, int]]]:
+    """The steps of each batch: the longest run of consecutive steps of distinct users, up to
+    ``size`` steps."""
+    batch: list[tuple[int, int]] = []
+    users: set[str] = set()
+    for step in steps:
+        user = events[step[0]].user_id
+        if len(batch) >= size or user in users:
+            yield batch
+            batch = []
             users.clear()
-        users.add(event.user_id)
-    if start < len(events):
-        yield start, len(events)
+        batch.append(step)
+        users.add(user)
+    if batch:
+        yield batch
+
+
+def batch_bounds(events: Sequence[Event], size: int, ties: str = TIES_BASKET) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each batch's events (see :func:`batch_steps`)."""
+    for batch in batch_steps(events, step_bounds(events, ties), size):
+        yield batch[0][0], batch[-1][1]
 
 
 def _position(ranked: Sequence[Any], slot: int | None) -> tuple[int, Sequence[str]]:

@@ -18,11 +18,12 @@ from agent.config import ConfigError, Settings
 # The loop is looked up on its own module at each call, so a stand-in set there (as a test
 # does) is what the command runs.
 from agent.evaluation import replay as replay_loop
-from agent.evaluation.baselines import BASELINES, DAY_S
+from agent.evaluation.baselines import ALS_EVERY, ALS_FACTORS, BASELINES, DAY_S
 from agent.evaluation.datasets import DatasetError, read_items
-from agent.evaluation.events import load_events, select_events
+from agent.evaluation.events import load_events, select_events, shuffle_ties
+from agent.evaluation.intervals import RESAMPLES
 from agent.evaluation.profiling import profile_summary
-from agent.evaluation.replay import ReplayOptions
+from agent.evaluation.replay import TIES, TIES_BASKET, ReplayOptions
 from agent.evaluation.report import ReplayResult, format_details, format_table, plot_report
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
@@ -57,12 +58,44 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="item-kNN: cosine-normalised co-occurrence (default) or raw counts",
     )
     parser.add_argument(
+        "--ties",
+        choices=TIES,
+        default=TIES_BASKET,
+        help="basket (default): a user's events with one timestamp are one step, ranked once before any of "
+        "them is applied and each scored against that list; order: one event per step, ties in replay order "
+        "(the protocol before baskets, for comparison)",
+    )
+    parser.add_argument(
+        "--shuffle-ties",
+        type=int,
+        metavar="SEED",
+        help="put each user's events that share a timestamp in a random order (reproducible by SEED) before "
+        "replaying: shows whether a figure depends on the order inside a basket",
+    )
+    parser.add_argument(
+        "--als-every",
+        type=int,
+        default=ALS_EVERY,
+        metavar="N",
+        help=f"als baseline: retrain on everything seen so far every N positive events (default {ALS_EVERY:,})",
+    )
+    parser.add_argument(
+        "--als-factors", type=int, default=ALS_FACTORS, help=f"als baseline: latent factors (default {ALS_FACTORS})"
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=RESAMPLES,
+        metavar="N",
+        help=f"resamples for the paired bootstrap intervals (default {RESAMPLES:,}; 0: no intervals)",
+    )
+    parser.add_argument(
         "--batch",
         type=int,
         default=32,
         metavar="N",
-        help="rank up to N consecutive events of distinct users together before applying them, as the "
-        "agent does under load (default 32; 1: one event at a time)",
+        help="rank up to N consecutive steps of distinct users together before applying them, as the "
+        "agent does under load (default 32; 1: one step at a time)",
     )
     parser.add_argument(
         "--inline-baselines",
@@ -98,6 +131,12 @@ def _options(args: argparse.Namespace) -> ReplayOptions:
         raise ValueError("--limit must be at least 1")
     if args.batch < 1:
         raise ValueError("--batch must be at least 1")
+    if args.als_every < 1:
+        raise ValueError("--als-every must be at least 1")
+    if args.als_factors < 1:
+        raise ValueError("--als-factors must be at least 1")
+    if args.bootstrap < 0:
+        raise ValueError("--bootstrap must not be negative")
     return ReplayOptions(
         k=args.k,
         baselines=names,
@@ -107,6 +146,10 @@ def _options(args: argparse.Namespace) -> ReplayOptions:
         baselines_process=not args.inline_baselines,
         progress=not args.no_progress,
         batch=args.batch,
+        ties=args.ties,
+        als_every=args.als_every,
+        als_factors=args.als_factors,
+        bootstrap=args.bootstrap,
     )
 
 
@@ -130,7 +173,10 @@ def run_command(args: argparse.Namespace) -> int:
             configure_logging(settings.log_level)
             started = time.perf_counter()
             items = read_items(args.items)
-            events = select_events(load_events(args.events), sample_users=args.sample_users, limit=args.limit)
+            events = load_events(args.events)
+            if args.shuffle_ties is not None:
+                events = shuffle_ties(events, args.shuffle_ties)
+            events = select_events(events, sample_users=args.sample_users, limit=args.limit)
             load_s = time.perf_counter() - started
             print(f"loaded {len(items):,} items and {len(events):,} events in {load_s:.1f} s", file=sys.stderr)
             if not events:
@@ -141,6 +187,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     result.timings_s["load"] = load_s
     report = result.report()
+    if args.shuffle_ties is not None:
+        report["shuffled_ties_seed"] = args.shuffle_ties
     print(f"catalog loaded in {result.timings_s['catalog']:.1f} s (not counted in events/s)")
     print(format_table(report))
     print(format_details(report))

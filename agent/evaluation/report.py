@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.evaluation.intervals import BootstrapResult
 from agent.evaluation.scoring import PIPELINE, Score
 
 
@@ -32,10 +33,18 @@ class ReplayResult:
     first_rejection: str | None = None
     # what the fusion learned, by segment then source (empty without a learning fusion)
     fusion_weights: dict[str, dict[str, float]] = field(default_factory=dict)
-    # the most events ranked together and then applied together (1: one at a time), and how
-    # many batches the stream made (a user's second event ends a batch early)
+    # the most steps ranked together and then applied together (1: one at a time), and how
+    # many batches the stream made (a user's second step ends a batch early)
     batch: int = 1
     batches: int = 0
+    # the tie protocol ("basket": a user's same-timestamp events are one step; "order": one
+    # event, one step), how many steps the stream made and how many lists the pipeline ranked
+    ties: str = "basket"
+    steps: int = 0
+    lists: int = 0
+    intervals: BootstrapResult | None = None
+    # per baseline that trains in batches (ALS): how often, and the seconds it took
+    baseline_training: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def events_per_s(self) -> float:
@@ -45,20 +54,30 @@ class ReplayResult:
     def report(self) -> dict[str, Any]:
         k = self.k
         hits = self.pipeline.hits
+        intervals = self.intervals.to_dict() if self.intervals is not None else None
         return {
+            "ties": self.ties,
             "events": self.events,
+            "steps": self.steps,
+            "lists": self.lists,
             "evaluated": self.pipeline.count,
             "k": k,
             "items": self.n_items,
             "metrics": self.pipeline.metrics(k),
             "baselines": {score.name: score.metrics(k) for score in self.baselines},
+            "best_baseline": self.intervals.best_baseline if self.intervals is not None else _best(self.baselines, k),
+            "ratio_to_best_baseline": intervals["ratio_to_best_baseline"] if intervals is not None else None,
+            "intervals": intervals,
+            "baseline_training": self.baseline_training,
             "sources": {
                 name: {"share_of_hits": (count / hits if hits else 0.0), "hits": count}
                 for name, count in sorted(self.source_hits.items())
             },
             "events_per_s": self.events_per_s,
             "batch": self.batch,
-            "mean_batch": round(self.events / self.batches, 2) if self.batches else 0.0,
+            # steps a batch (the unit of --batch), and events a step
+            "mean_batch": round(self.steps / self.batches, 2) if self.batches else 0.0,
+            "mean_step": round(self.events / self.steps, 2) if self.steps else 0.0,
             "latency_ms": _percentiles(self.latency_ms),
             "stage_latency_ms": {"rank": _percentiles(self.rank_ms), "apply": _percentiles(self.apply_ms)},
             "counts": dict(self.counts),
@@ -67,12 +86,27 @@ class ReplayResult:
             "fusion_weights": self.fusion_weights,
             "rules": {
                 "order": "ts, then user, then item",
-                "evaluated": "events of users with history; not repeats, dislike or skip",
+                "steps": TIE_RULES.get(self.ties, self.ties),
+                "evaluated": "events of users with history before the step; not repeats (of earlier steps or "
+                "of the same step), dislike or skip",
                 "baseline_ties": "catalog order",
-                "batch": "consecutive events of distinct users ranked together, then applied together; "
-                "baselines one event at a time",
+                "batch": "consecutive steps of distinct users ranked together, then applied together; "
+                "baselines one step at a time",
             },
         }
+
+
+TIE_RULES = {
+    "basket": "a user's events with one timestamp are one step: one list ranked before any of them is applied, "
+    "each scored against it, then all applied",
+    "order": "every event is a step: ties in replay order, each ranked after the tied events before it were applied",
+}
+
+
+def _best(baselines: list[Score], k: int) -> str | None:
+    if not baselines:
+        return None
+    return max(baselines, key=lambda score: score.metrics(k)[f"ndcg@{k}"]).name
 
 
 def _percentiles(values_ms: np.ndarray) -> dict[str, float]:
@@ -83,17 +117,36 @@ def _percentiles(values_ms: np.ndarray) -> dict[str, float]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The dev-set table (markdown): pipeline and baselines, hit rate and NDCG at k, events/s."""
+    """The dev-set table (markdown): pipeline and baselines, hit rate and NDCG at k with its
+    interval, the ratio to the best baseline with its interval, events/s."""
     k = report["k"]
     rows = [(PIPELINE, report["metrics"])] + list(report["baselines"].items())
-    lines = [f"| system | hit rate@{k} | NDCG@{k} |", "|---|---:|---:|"]
+    intervals = report.get("intervals")
+    confidence = f"{100 * intervals['confidence']:.0f} %" if intervals else ""
+    lines = [
+        f"ties: {report['ties']} ({TIE_RULES.get(report['ties'], report['ties'])})",
+        "",
+        f"| system | hit rate@{k} | NDCG@{k} |" + (f" NDCG@{k} {confidence} interval |" if intervals else ""),
+        "|---|---:|---:|" + ("---:|" if intervals else ""),
+    ]
     for name, metrics in rows:
-        lines.append(f"| {name} | {metrics[f'hit_rate@{k}']:.4f} | {metrics[f'ndcg@{k}']:.4f} |")
-    latency = report["latency_ms"]
+        line = f"| {name} | {metrics[f'hit_rate@{k}']:.4f} | {metrics[f'ndcg@{k}']:.4f} |"
+        if intervals:
+            line += f" {_span(intervals['ndcg'].get(name))} |"
+        lines.append(line)
     lines.append("")
+    ratio = report.get("ratio_to_best_baseline")
+    if ratio is not None:
+        lines.append(
+            f"pipeline / best baseline ({report['best_baseline']}): {_figure(ratio['value'], 3)} "
+            f"[{_span(ratio, 3)}] ({confidence} interval, paired bootstrap over {intervals['users']:,} users, "
+            f"{intervals['resamples']:,} resamples)"
+        )
+    latency = report["latency_ms"]
     lines.append(
-        f"{report['events']:,} events, {report['evaluated']:,} evaluated, {report['items']:,} items; "
-        f"{report['events_per_s']:,.0f} events/s at batch {report['batch']} (mean {report['mean_batch']:.1f}); "
+        f"{report['events']:,} events in {report['steps']:,} steps ({report['lists']:,} lists ranked), "
+        f"{report['evaluated']:,} evaluated, {report['items']:,} items; "
+        f"{report['events_per_s']:,.0f} events/s at batch {report['batch']} (mean {report['mean_batch']:.1f} steps); "
         f"latency (rank + apply) p50 {latency['p50']:.2f} ms, p99 {latency['p99']:.2f} ms"
     )
     if report["batch"] > 1:
@@ -102,12 +155,29 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _figure(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _span(interval: dict[str, float | None] | None, digits: int = 4) -> str:
+    if interval is None:
+        return ""
+    return f"{_figure(interval['low'], digits)} - {_figure(interval['high'], digits)}"
+
+
 def format_details(report: dict[str, Any]) -> str:
     times = report["time_s"]
     replay_s = times.get("replay", 0.0) or 1.0
     parts = [
         f"{name} {times[name]:.1f} s ({100 * times[name] / replay_s:.0f}%)"
-        for name in ("pipeline_rank", "pipeline_apply", "pipeline_background", "baselines", "baselines_wait", "harness")
+        for name in (
+            "pipeline_rank",
+            "pipeline_apply",
+            "pipeline_background",
+            "baselines",
+            "baselines_wait",
+            "harness",
+        )
         if name in times
     ]
     lines = [
@@ -118,6 +188,10 @@ def format_details(report: dict[str, Any]) -> str:
         lines.append(
             f"baselines ran in a second process: {times['baselines_in_parallel']:.1f} s of work beside the event loop"
         )
+    for name, training in report.get("baseline_training", {}).items():
+        lines.append(f"{name}: trained {training['fits']:.0f} times, {training['seconds']:.1f} s in all")
+    if "bootstrap" in times:
+        lines.append(f"bootstrap intervals: {times['bootstrap']:.1f} s (after the replay, not in events/s)")
     stages = report["stage_latency_ms"]
     lines.append(
         f"stage latency: rank p50 {stages['rank']['p50']:.2f} ms p99 {stages['rank']['p99']:.2f} ms; "

@@ -1,14 +1,15 @@
-"""Benchmark: prequential replay speed (and quality) on the dev sets, one event at a time and in
-batches.
+"""Benchmark: prequential replay speed and quality on the dev sets, per tie protocol and batch size.
 
-    python -m tests.bench.bench_replay --batch 1,32
+    python -m tests.bench.bench_replay --batch 1,32 --ties basket,order
 
-Runs ``recsys-agent replay`` once per dataset and batch size, each in its own process, and
-prints one row per run from its JSON report: events/s (the event loop: ranking, applying, the
-harness and waiting for the baselines; the catalog load is timed apart), the mean batch the
-stream allowed (a user's second event ends a batch), the pipeline's hit rate and NDCG, and where
-the time went. Item vectors are cached in each dataset's data dir, so only the first run embeds.
-Arguments after ``--`` go to every replay (``-- --sample-users 0.1 --limit 5000``).
+Runs ``recsys-agent replay`` once per dataset, tie protocol and batch size, each in its own
+process, and prints two tables from their JSON reports. Speed: events/s (the event loop:
+ranking, applying, the harness and waiting for the baselines; the catalog load is timed apart),
+the mean batch in steps the stream allowed (a user's second step ends a batch), and where the time went.
+Quality: the pipeline's NDCG@10 with its 95 % interval, every baseline's, and the pipeline's
+ratio to the best of them with its paired bootstrap interval. Item vectors are cached in each
+dataset's data dir, so only the first run embeds. Arguments after ``--`` go to every replay
+(``-- --sample-users 0.1 --limit 5000``, ``-- --shuffle-ties 1``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ DEV_SETS = (
 )
 
 
-def run_replay(items: str, events: str, data_dir: str, batch: int, extra: list[str]) -> tuple[dict, float]:
+def run_replay(items: str, events: str, data_dir: str, batch: int, ties: str, extra: list[str]) -> tuple[dict, float]:
     """The JSON report of one replay, and its wall time (load and catalog included)."""
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as scratch:
         report = Path(scratch) / "report.json"
         command = [sys.executable, "-m", "agent", "replay", "--items", items, "--events", events]
-        command += ["--data-dir", data_dir, "--batch", str(batch), "--report", str(report), "--no-progress", *extra]
+        command += ["--data-dir", data_dir, "--batch", str(batch), "--ties", ties, "--report", str(report)]
+        command += ["--no-progress", *extra]
         started = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -44,9 +46,17 @@ def run_replay(items: str, events: str, data_dir: str, batch: int, extra: list[s
         return orjson.loads(report.read_bytes()), time.perf_counter() - started
 
 
+def _interval(figures: dict | None, digits: int) -> str:
+    if figures is None or figures["value"] is None:
+        return "n/a"
+    low, high = (f"{figures[end]:.{digits}f}" if figures[end] is not None else "n/a" for end in ("low", "high"))
+    return f"{figures['value']:.{digits}f} [{low}, {high}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,32", help="batch sizes, comma-separated (default 1,32)")
+    parser.add_argument("--ties", default="basket", help="tie protocols, comma-separated (default basket)")
     parser.add_argument(
         "--dataset",
         action="append",
@@ -56,26 +66,42 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="after --: arguments for every replay")
     args = parser.parse_args()
     sizes = [int(size) for size in args.batch.split(",")]
+    protocols = [ties for ties in args.ties.split(",") if ties]
     print(describe(), flush=True)
-    print(
-        "| dataset | batch | mean batch | events | evaluated | events/s | hit rate@10 | NDCG@10 | rank / apply / other s |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    speed = [
+        "| dataset | ties | batch | mean batch | events | evaluated | events/s | rank / apply / other s |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    quality = [
+        "| dataset | ties | batch | pipeline NDCG@10 [95 %] | baselines NDCG@10 | best | ratio [95 %] |",
+        "|---|---|---:|---|---|---|---|",
+    ]
     for spec in args.dataset or DEV_SETS:
         name, _, paths = spec.partition("=")
         items, events, data_dir = paths.split(",")
-        for size in sizes:
-            report, _ = run_replay(items, events, data_dir, size, args.extra)
-            times = report["time_s"]
-            other = times["replay"] - times["pipeline_rank"] - times["pipeline_apply"]
-            k = report["k"]
-            print(
-                f"| {name} | {report['batch']} | {report['mean_batch']:.1f} | {report['events']:,} | "
-                f"{report['evaluated']:,} | {report['events_per_s']:,.0f} | {report['metrics'][f'hit_rate@{k}']:.4f} | "
-                f"{report['metrics'][f'ndcg@{k}']:.4f} | "
-                f"{times['pipeline_rank']:.1f} / {times['pipeline_apply']:.1f} / {other:.1f} |",
-                flush=True,
-            )
+        for ties in protocols:
+            for size in sizes:
+                report, _ = run_replay(items, events, data_dir, size, ties, args.extra)
+                times = report["time_s"]
+                other = times["replay"] - times["pipeline_rank"] - times["pipeline_apply"]
+                k = report["k"]
+                speed.append(
+                    f"| {name} | {ties} | {report['batch']} | {report['mean_batch']:.1f} | {report['events']:,} | "
+                    f"{report['evaluated']:,} | {report['events_per_s']:,.0f} | "
+                    f"{times['pipeline_rank']:.1f} / {times['pipeline_apply']:.1f} / {other:.1f} |"
+                )
+                intervals = report.get("intervals") or {"ndcg": {}}
+                baselines = ", ".join(
+                    f"{baseline} {figures[f'ndcg@{k}']:.4f}" for baseline, figures in report["baselines"].items()
+                )
+                quality.append(
+                    f"| {name} | {ties} | {report['batch']} | {_interval(intervals['ndcg'].get('pipeline'), 4)} | "
+                    f"{baselines} | {report['best_baseline']} | {_interval(report['ratio_to_best_baseline'], 3)} |"
+                )
+                print(speed[-1], flush=True)
+    print("\n".join(speed))
+    print()
+    print("\n".join(quality))
     print(describe())
 
 
