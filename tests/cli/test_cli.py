@@ -223,6 +223,10 @@ def test_commands_run_with_one_blas_thread_and_restore_the_limit_after(
                     "--config",
                     str(config),
                     "--inline-baselines",
+                    # not ALS: implicit loads scipy's own BLAS during the command, left at its
+                    # default thread count, which depends on the machine
+                    "--baselines",
+                    "popularity,decayed_popularity,item_knn",
                     "--no-progress",
                 ]
             )
