@@ -23,15 +23,19 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from agent.config import Settings
+
+log = logging.getLogger(__name__)
 
 VERSION = "v1"
 SECRET_FILE = "token-secret"
@@ -128,10 +132,8 @@ def token_secret(settings: Settings) -> str:
     if settings.token_secret:
         return settings.token_secret
     path = settings.data_dir / SECRET_FILE
-    try:
+    with suppress(FileNotFoundError):  # none yet: this start makes it
         return _read_secret(path)
-    except FileNotFoundError:
-        pass
     path.parent.mkdir(parents=True, exist_ok=True)
     candidate = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
     fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -142,7 +144,7 @@ def token_secret(settings: Settings) -> str:
         # and both then sign with it
         os.link(candidate, path)
     except FileExistsError:
-        pass
+        log.debug("another process made the token secret first: using theirs")
     finally:
         candidate.unlink()
     return _read_secret(path)

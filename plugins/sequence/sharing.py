@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -107,10 +108,9 @@ class SharedVersions:
         if self._claim is None:
             return
         kv = await self._store()
-        try:
+        # another agent holds the claim by now (ours lapsed): theirs stays
+        with suppress(KeyWrongLastSequenceError):
             await kv.delete(TRAINER_KEY, last=self._claim)
-        except KeyWrongLastSequenceError:
-            pass
         self._claim = None
 
     async def latest(self) -> dict[str, Any] | None:

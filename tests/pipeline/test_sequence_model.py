@@ -357,7 +357,7 @@ def test_bad_options_stop_the_start_with_the_option_named() -> None:
 
 async def _enter(settings: Settings) -> None:
     async with Pipeline(settings, get_plugin_manager(settings)).running():
-        pass
+        pass  # entering the plugins' lifespans is the test: a bad option refuses the start
 
 
 def test_the_serving_forward_pass_is_the_training_one() -> None:

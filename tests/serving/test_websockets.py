@@ -378,8 +378,8 @@ async def test_a_socket_is_closed_when_its_token_expires(agent: Agent) -> None:
     async with aiohttp.ClientSession(agent.http_url) as http:
         ws = await http.ws_connect("/v1/ws", params={"token": token("alice", ttl_s=2)})
         async with asyncio.timeout(10):
-            async for _ in ws:
-                pass
+            messages = [message async for message in ws]  # read until the agent closes it
+        assert messages, "the current list came first"
         assert ws.close_code == TOKEN_EXPIRED
     assert agent.metrics.value("recsys_ws_closed_total", reason="expired") == 1
 
@@ -393,9 +393,8 @@ async def test_sockets_are_closed_going_away_when_the_agent_stops(settings: Sett
             await ws.receive(timeout=10)
             stopping = asyncio.get_running_loop().create_task(agent.__aexit__(None, None, None))
             async with asyncio.timeout(10):
-                async for _ in ws:
-                    pass
-            assert ws.close_code == 1001
+                remaining = [message async for message in ws]  # read until the agent closes it
+            assert ws.close_code == 1001, remaining
             await stopping
     finally:
         if agent._stack is not None:
