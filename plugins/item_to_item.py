@@ -203,7 +203,7 @@ class ItemToItem:
                         row_scales.append(scale[age])
                         entries += len(row[0])
                 if entries:
-                    pairs.append((i, source, recent, entries))
+                    pairs.append((i, source, recent, entries, scale))
         answers: list[list[Candidates]] = [[] for _ in queries]
         if not pairs:
             return answers
@@ -212,10 +212,13 @@ class ItemToItem:
         lengths = [len(row[0]) for row in rows]
         values = weights * np.repeat(np.array(row_scales), lengths) / np.sqrt(np.maximum(counts[slots], 1.0))
         start = 0
-        for i, source, recent, entries in pairs:
+        for i, source, recent, entries, scale in pairs:
             neighbours, name, template = sources[source]
             end = start + entries
-            found = self._score(queries[i], recent, slots[start:end], values[start:end], neighbours, name, template)
+            anchors = [
+                (anchor, row, weight) for anchor, weight in zip(recent, scale) if (row := neighbours.edges.get(anchor))
+            ]
+            found = self._score(queries[i], anchors, slots[start:end], values[start:end], name, template)
             start = end
             if found is not None:
                 answers[i].append(found)
@@ -224,19 +227,18 @@ class ItemToItem:
     def _score(
         self,
         query: Query,
-        recent: list[int],
+        anchors: list[tuple[int, Row, float]],
         slots: np.ndarray,
         values: np.ndarray,
-        neighbours: Neighbours,
         source: str,
         template: str,
     ) -> Candidates | None:
         """One source's candidates for one query: ``slots`` are the neighbours of the query's
-        recent items and ``values`` their weighted edges."""
+        recent items (``anchors``: item, its row and its weight, newest first) and ``values``
+        their weighted edges."""
         allowed = query.allowed()
         # the mask's length, not the catalog's: the catalog may grow while a query is answered
         size = len(allowed)
-        counts = self.counts
         # Sparse in, dense for the sum (summing into a catalog-sized array is far cheaper than
         # sorting the neighbours to merge them), sparse out: only the items reached are kept,
         # so a batch of queries does not hold a catalog-sized array each until fusion reads it.
@@ -252,14 +254,14 @@ class ItemToItem:
         catalog = query.catalog
 
         def reason(slot: int) -> str:
-            # the recent item that contributed most to the score names the reason; only the
-            # final list asks, so the weights are read again, as they are now
-            strength = [
-                (RECENCY**age) * neighbours.weight(anchor, slot) / math.sqrt(max(float(counts[anchor]), 1.0))
-                for age, anchor in enumerate(recent)
-            ]
-            strongest = max(strength)
-            return template.format(catalog.title(recent[strength.index(strongest)])) if strongest > 0 else ""
+            # the recent item that contributed most to the score names the reason (the newest
+            # of equal ones); only the final list asks, so the rows are read as they are now
+            strongest, named = 0.0, -1
+            for anchor, row, weight in anchors:
+                position = row.index.get(slot)
+                if position is not None and (strength := weight * row.weights.item(position)) > strongest:
+                    strongest, named = strength, anchor
+            return template.format(catalog.title(named)) if named >= 0 else ""
 
         def score_of(wanted: np.ndarray) -> np.ndarray:
             # an item not reached scores 0, as in the dense sum

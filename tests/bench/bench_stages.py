@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.app import freeze_survivors_of_full_passes
 from agent.cli.main import limit_blas_threads
 from agent.config import Settings, load_settings
 from agent.evaluation.datasets import read_items
@@ -80,6 +82,12 @@ async def measure(
             now = event.ts
             await pipeline.apply_event(event, seq)
         seq = len(warmup)
+        # the collector as in the agent's process (agent/app.py): the state built so far kept
+        # out of its full passes, and what survives one joins it
+        await pipeline.settle()
+        gc.collect()
+        gc.freeze()
+        gc.callbacks.append(freeze_survivors_of_full_passes)
         result.stages = pipeline.hooks.time_stages()
         for start in range(0, len(events), size):
             batch = events[start : start + size]
@@ -103,6 +111,8 @@ async def measure(
             await asyncio.sleep(0)
         # the table stops growing here: the lifespans' exit is not part of the measure
         pipeline.hooks.stage_times = None
+        gc.callbacks.remove(freeze_survivors_of_full_passes)
+        gc.unfreeze()
     return result
 
 
