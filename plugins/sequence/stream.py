@@ -1,7 +1,7 @@
 """What a training round learns from: the latest positive events, and the job made of them.
 
 The plugin keeps the latest ``window_events`` positive events in a ring (user, item slot,
-time), as they are applied: a round trains on exactly the events applied before it started,
+time: ``agent/pipeline/recent_events.py``), as they are applied: a round trains on exactly the events applied before it started,
 in a replay as live. A round's job is self-contained (plain arrays, item ids rather than this
 agent's slots), so that it can be sent to the worker process, and so that the version it
 gives means the same on another agent, whose slots differ.
@@ -14,61 +14,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from agent.pipeline.recent_events import RecentEvents
 from plugins.sequence.options import ModelShape, TrainingSettings
 
 if TYPE_CHECKING:
     from agent.vectors.item_vectors import ItemVectors
     from plugins.sequence.version import Version
-
-
-class RecentEvents:
-    """A ring of the latest positive events: user codes, item slots, times."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.users = np.full(capacity, -1, dtype=np.int64)
-        self.slots = np.zeros(capacity, dtype=np.int64)
-        self.ts = np.zeros(capacity, dtype=np.float64)
-        # events appended since the start (the ring holds the last ``capacity`` of them)
-        self.appended = 0
-        self.codes: dict[str, int] = {}
-        self._next_code = 0
-
-    def append(self, user_ids: list[str], slots: list[int], ts: list[float]) -> None:
-        if not user_ids:
-            return
-        codes = self.codes
-        for user_id in user_ids:
-            if user_id not in codes:
-                codes[user_id] = self._next_code
-                self._next_code += 1
-        n = len(user_ids)
-        at = (self.appended + np.arange(n)) % self.capacity
-        self.users[at] = [codes[user_id] for user_id in user_ids]
-        self.slots[at] = slots
-        self.ts[at] = ts
-        self.appended += n
-        if len(codes) > 2 * self.capacity:
-            self._compact()
-
-    def forget(self, user_id: str) -> None:
-        """Drop every event of the user (a user asked to be forgotten)."""
-        code = self.codes.pop(user_id, None)
-        if code is not None:
-            self.users[self.users == code] = -1
-
-    def window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(user codes, slots, times) of the events held, oldest first; copies."""
-        held = min(self.appended, self.capacity)
-        order = (self.appended - held + np.arange(held)) % self.capacity
-        users = self.users[order]
-        keep = users >= 0
-        return users[keep], self.slots[order][keep], self.ts[order][keep]
-
-    def _compact(self) -> None:
-        # users whose events all left the ring keep no code: the table stays within the ring's size
-        present = set(np.unique(self.users[self.users >= 0]).tolist())
-        self.codes = {user_id: code for user_id, code in self.codes.items() if code in present}
 
 
 @dataclass(slots=True)

@@ -27,12 +27,12 @@ import pytest_asyncio
 from agent.config import ConfigError, Settings
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
+from agent.pipeline.recent_events import RecentEvents
 from agent.pipeline.values import Candidates
 from agent.wire.contract import Event, Item
 from plugins.sequence import SEQUENCE_MODEL, SequenceSource
 from plugins.sequence.forward import encode, score_rows
 from plugins.sequence.options import ModelShape
-from plugins.sequence.stream import RecentEvents
 from plugins.sequence.version import ItemTable, Served, Version
 from tests.builders import make_settings, offline_settings
 

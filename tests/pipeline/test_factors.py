@@ -1,0 +1,204 @@
+"""The factors source: implicit's ALS fitted on the stream, swapped whole, folded in per user.
+
+The fits here are real (implicit on a small stream): shoppers buy within one of eight shelves
+of five items each, so what a shopper will buy next is the rest of their shelf, which only
+who-bought-with-whom reveals (every item is about as popular as every other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.config import ConfigError, Settings
+from agent.hooks.manager import get_plugin_manager
+from agent.pipeline.pipeline import Pipeline
+from agent.wire.contract import Event, Item
+from plugins.factors import FactorsSource
+from plugins.factors.model import FitJob, fit, fold_in
+from plugins.factors.options import FactorsOptions
+from tests.builders import offline_settings
+
+SHELVES, SHELF = 8, 5
+N_ITEMS = SHELVES * SHELF
+T0 = 1_700_000_000.0
+# small and quick: the structure needs no more
+SMALL = {"factors": 8, "iterations": 8, "first_events": 400, "every_events": 400, "training": "inline"}
+# everything but the source itself and what ranks around it; content's model is not the point
+OTHERS = ["content", "sequence", "cross_encoder", "nats_publisher", "summariser"]
+
+
+def shop() -> list[Item]:
+    return [Item(id=f"p{i}", title=f"shelf {i // SHELF} item {i}") for i in range(N_ITEMS)]
+
+
+def baskets(n_users: int = 300, seed: int = 3) -> list[Event]:
+    """Each shopper buys 3 of the 5 items of one shelf, at one time per purchase."""
+    rng = random.Random(seed)
+    events = []
+    for u in range(n_users):
+        shelf = rng.randrange(SHELVES)
+        for n, item in enumerate(rng.sample(range(shelf * SHELF, shelf * SHELF + SHELF), 3)):
+            events.append(
+                Event(type="purchase", user_id=f"u{u}", item_id=f"p{item}", ts=T0 + 10 * u + n, id=f"e{u}-{n}")
+            )
+    return events
+
+
+def settings_for(data_dir: Path, **options: Any) -> Settings:
+    return offline_settings(data_dir, disabled_plugins=OTHERS, plugins={"factors": {**SMALL, **options}})
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Pipeline]:
+    pipeline = Pipeline(settings, get_plugin_manager(settings))
+    async with pipeline.running():
+        await pipeline.upsert_items(shop())
+        yield pipeline
+
+
+async def apply(pipeline: Pipeline, events: list[Event], first: int = 1, batch: int = 32) -> None:
+    for start in range(0, len(events), batch):
+        chunk = events[start : start + batch]
+        outcomes = await pipeline.apply_events([(event, first + start + i) for i, event in enumerate(chunk)])
+        assert not [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+
+
+def factors_of(pipeline: Pipeline) -> FactorsSource:
+    plugin = pipeline.pm.get_plugin("factors")
+    assert isinstance(plugin, FactorsSource)
+    return plugin
+
+
+def proposed(pipeline: Pipeline, user_id: str, k: int = 10) -> list[str]:
+    answers = factors_of(pipeline).recsys_candidates_batch([pipeline.make_query(user_id, k)])
+    assert answers is not None and answers[0] is not None
+    assert answers[0].source == "factors"
+    return [pipeline.catalog.ids[slot] for slot in answers[0].slots.tolist()]
+
+
+async def test_proposes_the_rest_of_the_shelf_and_swaps_versions(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path)) as pipeline:
+        source = factors_of(pipeline)
+        events = baskets()
+        await apply(pipeline, events[:450])
+        first = source.served
+        assert first is not None and first.number == 1
+        held = first.item_factors.copy()
+        await apply(pipeline, events[450:], first=451)
+        # 900 events: fits at 400 and 800 (the interval doubles up to every_events)
+        assert source.served is not None and source.served.number == 2
+        assert [fit["version"] for fit in source.fits] == [1, 2]
+        assert np.array_equal(first.item_factors, held), "a served version is replaced, never changed"
+        # someone new buys two items of shelf 2: the other three lead what the source proposes
+        await apply(
+            pipeline,
+            [Event(type="purchase", user_id="new", item_id=f"p{i}", ts=T0 + 9e4, id=f"n{i}") for i in (10, 11)],
+            first=10_000,
+        )
+        top = proposed(pipeline, "new")
+        assert set(top[:3]) == {"p12", "p13", "p14"}, top
+        assert not {"p10", "p11"} & set(top), "what the user bought is not proposed again"
+        answer = source.recsys_candidates_batch([pipeline.make_query("new", 10)])[0]
+        assert "yours" in answer.reason_for(int(answer.slots[0])) and "new" not in answer.reason_for(
+            int(answer.slots[0])
+        )
+        # fusion may ask for any item's score: the proposed ones score as proposed
+        assert np.allclose(answer.score_of(answer.slots), answer.scores, rtol=1e-4)
+
+
+async def test_inline_training_is_deterministic(tmp_path: Path) -> None:
+    found = []
+    for run in ("a", "b"):
+        async with running(settings_for(tmp_path / run)) as pipeline:
+            await apply(pipeline, baskets())
+            served = factors_of(pipeline).served
+            assert served is not None
+            found.append((served.number, served.item_factors.copy(), proposed(pipeline, "u7")))
+    assert found[0][0] == found[1][0]
+    assert np.array_equal(found[0][1], found[1][1])
+    assert found[0][2] == found[1][2]
+
+
+async def test_background_fit_is_waited_for_by_settle(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path, training="background")) as pipeline:
+        await apply(pipeline, baskets(150))
+        await pipeline.settle()
+        source = factors_of(pipeline)
+        assert source.served is not None and source.served.number >= 1
+        assert source.recsys_health() is None
+
+
+async def test_forget_takes_the_users_events_out_of_the_window(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path)) as pipeline:
+        source = factors_of(pipeline)
+        await apply(pipeline, baskets(100))
+        held = len(source.window)
+        exported = source.recsys_export_user("u5", pipeline.catalog)
+        assert exported is not None and len(exported["training_window"]) == 3
+        assert await pipeline.forget_user("u5")
+        assert len(source.window) == held - 3
+        assert source.recsys_export_user("u5", pipeline.catalog) is None
+        # the next fit's input: nobody's events but the others'
+        source.start_fit(pipeline.catalog)
+        assert source.served is not None and source.served.info["window_events"] == held - 3
+        assert source.served.info["users"] == 99
+
+
+async def test_disabled_by_its_options(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path, enabled=False)) as pipeline:
+        await apply(pipeline, baskets())
+        source = factors_of(pipeline)
+        assert not source.enabled and source.served is None and source.seen == 0
+        assert source.recsys_candidates_batch([pipeline.make_query("u1", 10)]) is None
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("factors", 0),
+        ("training", "later"),
+        ("alpha", -1.0),
+        ("recency", 0.0),
+        ("every_events", 0),
+        ("confidence", "rank"),
+    ],
+)
+def test_bad_options_stop_the_start_with_the_option_named(tmp_path: Path, option: str, value: Any) -> None:
+    settings = settings_for(tmp_path, **{option: value})
+    with pytest.raises(ConfigError, match=rf"\[plugins.factors\] option '{option}'"):
+        asyncio.run(_enter(settings))
+
+
+async def _enter(settings: Settings) -> None:
+    async with Pipeline(settings, get_plugin_manager(settings)).running():
+        await asyncio.sleep(0)  # entering the lifespans is the test: a bad option refuses the start
+
+
+def test_fold_in_is_implicits_own_user_solve() -> None:
+    """The batched numpy solve gives what implicit's recalculate_user gives, user by user."""
+    import scipy.sparse
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    rng = np.random.default_rng(0)
+    options = FactorsOptions(factors=6, iterations=5, alpha=2.0, regularization=0.1)
+    n = 2_000
+    job = FitJob(
+        1, rng.integers(0, 120, n), rng.integers(0, 50, n), rng.choice([1.0, 4.0], n).astype(np.float32), 50, n
+    )
+    version = fit(job, options)
+    model = AlternatingLeastSquares(factors=6, regularization=0.1, alpha=2.0, num_threads=1)
+    model.item_factors = version.item_factors.copy()
+    histories = [(np.array([1, 7, 9]), np.array([1.0, 4.0, 2.0])), (np.array([3]), np.array([5.0]))]
+    ours = fold_in(version, histories, options.regularization, options.alpha)
+    for row, (slots, weights) in enumerate(histories):
+        user_items = scipy.sparse.csr_matrix((weights, slots, [0, len(slots)]), shape=(1, 50), dtype=np.float32)
+        theirs = model.recalculate_user(0, user_items)
+        assert np.allclose(ours[row], theirs, rtol=1e-3, atol=1e-4)
