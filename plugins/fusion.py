@@ -7,10 +7,11 @@ a linear ranker; a source that cannot score an item it did not propose falls bac
 item's rank gain in its list), plus one for how many sources proposed it. The fused score is a
 weighted sum of those features.
 
-Learning is pairwise, as in online learning to rank: when the user's next positive event
-arrives, the item they chose should have outscored the items that were ranked above it; the
-weights take one logistic gradient step towards that, using the features the items had at the
-time of the ranking. Each weight's step is scaled by the root of its summed squared gradients
+Learning is pairwise, as in online learning to rank: when a positive event of the user
+arrives, the item they chose should have outscored the items that were ranked above it
+(every item chosen before the user's next ranking teaches: the lines of a basket all came from
+one list); the weights take one logistic gradient step towards that, using the features the
+items had at the time of the ranking. Each weight's step is scaled by the root of its summed squared gradients
 (AdaGrad): a feature whose gradients are small on this stream (a source that rarely proposes
 the chosen item) still moves, and one whose gradients are large settles, so how fast each
 weight learns follows the data rather than one rate set in advance. Which source predicts best
@@ -82,10 +83,14 @@ def gain(rank: int) -> float:
 
 @dataclass(slots=True)
 class Ranking:
-    """What one ranking keeps until the user's next event (about 10 KB for 300 candidates).
+    """What one ranking keeps until the user's next ranking or negative event (about 10 KB for
+    300 candidates).
 
-    The chosen item teaches something only if it was among the candidates: an item no source
-    proposed cannot be promoted by any weighting of those sources.
+    Every positive event of the user until then teaches from it: the items of a basket, or of
+    a burst of events that one push answers, were all chosen from the list the user had. A
+    chosen item teaches something only if it was among the candidates: an item no source
+    proposed cannot be promoted by any weighting of those sources. Items chosen before are
+    no longer negatives of the next ones.
     """
 
     segment: str
@@ -93,6 +98,8 @@ class Ranking:
     union: np.ndarray  # sorted candidate slots
     features: np.ndarray  # float32, one row per feature (``sources``), one column per union slot
     shown: np.ndarray  # positions in ``union`` of the top of the fused list
+    # positions in ``union`` of the items chosen since the ranking, in order
+    chosen: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,11 +539,15 @@ class LearnedFusion:
         in its segment."""
         chosen: list[tuple[Ranking, int]] = []
         for user, slot, signal in zip(users, slots, signals, strict=True):
-            ranking = self.pending.pop(user.user_id, None)
-            if ranking is None or signal <= 0:
+            if signal <= 0:
+                # a rejection ends what the list can teach: the next ranking answers it
+                self.pending.pop(user.user_id, None)
+                continue
+            ranking = self.pending.get(user.user_id)
+            if ranking is None:
                 continue
             position = int(ranking.union.searchsorted(slot))
-            if position < len(ranking.union) and ranking.union[position] == slot:
+            if position < len(ranking.union) and ranking.union[position] == slot and position not in ranking.chosen:
                 chosen.append((ranking, position))
         # (segment, sources) of each ranking that teaches something, with its pairs
         steps = [
@@ -544,6 +555,8 @@ class LearnedFusion:
             for (ranking, _), differences in zip(chosen, self._differences(chosen), strict=True)
             if differences is not None
         ]
+        for ranking, position in chosen:
+            ranking.chosen.append(position)
         if not steps:
             return
         # For the call, each segment's weights in one array (written back to its table at the
@@ -600,6 +613,10 @@ class LearnedFusion:
             owner = np.arange(len(group)).repeat([len(r.shown) for r in rankings])
             shown = shown + starts[owner]
             negative = shown != positions[owner]
+            earlier = [p + start for r, start in zip(rankings, starts.tolist(), strict=True) for p in r.chosen]
+            if earlier:
+                # an item chosen earlier from the same list is no negative of the next choice
+                negative &= ~np.isin(shown, earlier)
             owner = owner[negative]
             # one row per pair, one column per feature
             chosen_minus_negative = features[:, positions[owner]].astype(np.float64) - features[:, shown[negative]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import sys
 import tempfile
 import time
@@ -153,9 +154,23 @@ def _options(args: argparse.Namespace) -> ReplayOptions:
     )
 
 
+# built-in plugins that train models in the background: a replay makes them train inline
+# (the event that triggers a round waits for it) unless the configuration says otherwise, so
+# that a replay gets the same versions at the same events on every run
+BACKGROUND_TRAINERS = ("factors", "sequence")
+
+
+def _inline_training(settings: Settings) -> Settings:
+    plugins = {name: dict(table) for name, table in settings.plugins.items()}
+    for name in BACKGROUND_TRAINERS:
+        plugins.setdefault(name, {}).setdefault("training", "inline")
+    return dataclasses.replace(settings, plugins=plugins)
+
+
 async def _run_replay(
     settings: Settings, options: ReplayOptions, items: list[Item], events: list[Event], profiled: bool
 ) -> tuple[ReplayResult, cProfile.Profile | None]:
+    settings = _inline_training(settings)
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     profile = cProfile.Profile() if profiled else None
     async with pipeline.running():

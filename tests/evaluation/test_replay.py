@@ -13,12 +13,13 @@ import pytest
 
 from agent.cli.main import build_parser, extra_commands, main
 from agent.cli.settings_flags import settings_from_args
-from agent.config import load_settings
+from agent.config import Settings, load_settings
 from agent.evaluation import replay as replay_module
 from agent.evaluation.baselines import DAY_S, ItemKNN, Popularity, rank_of
 from agent.evaluation.datasets import DatasetError
 from agent.evaluation.events import load_events, select_events
 from agent.evaluation.replay import ReplayOptions, batch_bounds, replay
+from agent.evaluation.replay_command import _inline_training
 from agent.hooks.manager import BUILTIN_PLUGINS, get_plugin_manager
 from agent.hooks.specs import hookimpl
 from agent.pipeline.pipeline import Pipeline
@@ -572,3 +573,11 @@ def evaluator_rescaled(config: Any, stream: Any) -> bool:
     for item, ts in zip(stream.items.tolist(), stream.ts.tolist()):
         decayed.observe(0, item, ts)
     return decayed.scale_generation > 1
+
+
+def test_a_replay_trains_background_models_inline_unless_configured_otherwise() -> None:
+    settings = Settings(plugins={"sequence": {"training": "background", "enabled": True}, "fusion": {}})
+    replayed = _inline_training(settings)
+    assert replayed.plugins["factors"] == {"training": "inline"}
+    assert replayed.plugins["sequence"] == {"training": "background", "enabled": True}, "the configuration wins"
+    assert settings.plugins == {"sequence": {"training": "background", "enabled": True}, "fusion": {}}, "unchanged"

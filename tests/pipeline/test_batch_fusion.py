@@ -116,6 +116,7 @@ def assert_same_rankings(one: dict[str, Ranking], other: dict[str, Ranking]) -> 
         assert ranking.features.dtype == twin.features.dtype == np.float32
         assert np.array_equal(ranking.features, twin.features)
         assert np.array_equal(ranking.shown, twin.shown)
+        assert ranking.chosen == twin.chosen
 
 
 def rank_both(seed: int, n_queries: int) -> tuple[LearnedFusion, LearnedFusion, list[Query], list[list[Candidates]]]:
@@ -224,7 +225,7 @@ def test_learning_from_a_batch_of_events_gives_the_weights_one_at_a_time_gives(s
             together.recsys_apply_events(people[start:end], slots[start:end], signals[start:end])
         assert alone.feedbacks == together.feedbacks > 0
         assert alone.weights == together.weights, "the same steps, bit for bit"
-        assert not alone.pending and not together.pending, "every ranking is used once"
+        assert_same_rankings(alone.pending, together.pending)
     # the weights did learn, in every segment that saw feedback
     assert all(table["trending"] != 1 / 3 for table in together.weights.values())
 
@@ -239,9 +240,29 @@ def test_an_event_without_a_ranking_or_with_a_negative_signal_teaches_nothing() 
     chosen = [int(plugin.pending[user.user_id].union[0]) for user in held]
     plugin.recsys_apply_events(held, chosen, [-1.0] * len(held))
     assert plugin.weights == before and plugin.feedbacks == 0
-    assert not plugin.pending, "a ranking is dropped once its user's next event came"
+    assert not plugin.pending, "a rejection ends what the ranking can teach"
     plugin.recsys_apply_events(held, chosen, [1.0] * len(held))
     assert plugin.weights == before and plugin.feedbacks == 0
+
+
+def test_every_item_of_a_basket_teaches_from_the_list_it_was_chosen_from() -> None:
+    users = UserStore(50, 100)
+    queries, lists = queries_for(Shop(5), users, 8, Catalog())
+    plugin = fusion(users)
+    plugin.recsys_fuse_batch(queries, lists)
+    user = next(q.user for q in queries if q.user.user_id in plugin.pending)
+    ranking = plugin.pending[user.user_id]
+    first, second = (int(position) for position in ranking.shown[1:3])
+    negatives_of_second = len(plugin._differences([(ranking, second)])[0])
+    plugin.recsys_apply_events([user], [int(ranking.union[first])], [1.0])
+    assert plugin.feedbacks == 1 and plugin.pending[user.user_id] is ranking, "the list stays for the next item"
+    # the first choice is no negative of the second any more
+    assert len(plugin._differences([(ranking, second)])[0]) == negatives_of_second - 1
+    plugin.recsys_apply_events([user], [int(ranking.union[second])], [1.0])
+    assert plugin.feedbacks == 2 and ranking.chosen == [first, second]
+    # the same item again teaches nothing more
+    plugin.recsys_apply_events([user], [int(ranking.union[second])], [1.0])
+    assert plugin.feedbacks == 2
 
 
 def test_weights_reset_between_a_ranking_and_its_feedback_start_again_alike() -> None:
