@@ -281,6 +281,10 @@ class LearnedFusion:
         What stays per query is what cannot be shared: each source's ``score_of`` and the
         ``Scored`` entries."""
         answers: list[list[Scored] | None] = [[] for _ in queries]
+        # a new ranking ends what the last one can teach, even one that keeps nothing (no
+        # candidates, a failed source): the user has moved on from the old list
+        for query in queries:
+            self.pending.pop(query.user.user_id, None)
         kept = [
             (index, query, lists)
             for index, (query, found) in enumerate(zip(queries, candidates, strict=True))
@@ -457,7 +461,7 @@ class LearnedFusion:
         top: np.ndarray,
         wanted: np.ndarray,
     ) -> None:
-        """Keeps each ranking of the batch to learn from the user's next event, in query order
+        """Keeps each ranking of the batch to learn from the user's choices until their next ranking, in query order
         (the order one query at a time would keep them, and draw their random negatives).
         ``features``: the batch's rows, a query's sources' from ``first_cells[q]``, its
         agreement's from ``agreement_cells[q]``."""
@@ -636,7 +640,7 @@ class LearnedFusion:
         ranking = self.pending.get(user_id)
         if ranking is None:
             return None
-        # kept until the user's next event, to learn which source proposed what they chose
+        # kept until the user's next ranking, to learn which source proposed what they chose
         return {
             "last_ranking": {
                 "segment": ranking.segment,

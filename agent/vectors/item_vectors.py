@@ -327,6 +327,33 @@ def top_per_row(scores: np.ndarray, m: int) -> np.ndarray:
     return np.take_along_axis(columns, _top_columns(values, m), axis=1)
 
 
+def top_allowed(
+    scores: np.ndarray, masks: list[np.ndarray], rankable: np.ndarray, counts: list[int]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's best slots and scores, best first (ties to the lower slot): at most
+    ``counts[row]`` of the slots that its mask (``Query.allowed``, which may be shorter or
+    longer than a row) and ``rankable`` both let through. ``scores`` (rows x slots, a model's
+    scores of every slot for a batch of users) is overwritten where blocked. One selection for
+    the batch; a row's answer depends on that row alone."""
+    size = scores.shape[1]
+    for row, allowed in zip(scores, masks, strict=True):
+        within = min(len(allowed), size)
+        blocked = np.ones(size, dtype=bool)
+        np.logical_not(allowed[:within] & rankable[:within], out=blocked[:within])
+        np.copyto(row, -np.inf, where=blocked)
+    columns = top_per_row(scores, max(counts))
+    values = np.take_along_axis(scores, columns, axis=1)
+    # a selection is in slot order, so the stable sort sends ties to the lower slot
+    order = np.argsort(-values, axis=1, kind="stable")
+    columns = np.take_along_axis(columns, order, axis=1)
+    values = np.take_along_axis(values, order, axis=1)
+    found = []
+    for row_slots, row_scores, n in zip(columns, values, counts, strict=True):
+        keep = np.isfinite(row_scores[:n])
+        found.append((row_slots[:n][keep].astype(np.int64), row_scores[:n][keep]))
+    return found
+
+
 def _top_columns(scores: np.ndarray, m: int) -> np.ndarray:
     """:func:`top_per_row` by reading every column (0 < m < width)."""
     rows, width = scores.shape

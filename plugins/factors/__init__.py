@@ -40,8 +40,9 @@ from agent.hooks.specs import hookimpl
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.recent_events import RecentEvents
 from agent.pipeline.user_state import UserState
-from agent.pipeline.values import Candidates, Query, top_slots
-from agent.threads import in_daemon_thread
+from agent.pipeline.values import Candidates, Query
+from agent.threads import in_daemon_thread, join_running
+from agent.vectors.item_vectors import top_allowed
 from agent.wire.contract import Event
 from plugins.factors.model import FitJob, Version, fit, fold_in, history_of
 from plugins.factors.options import FactorsOptions
@@ -55,6 +56,8 @@ PLUGIN_NAME = "factors"
 SOURCE = "factors"
 # says why without naming anyone: the factors are learned from everyone's choices
 REASON = "chosen by people whose choices resemble yours"
+# how long a stop waits for a fit in flight
+THREAD_JOIN_S = 5.0
 # fits kept in the report
 REPORTED_FITS = 200
 
@@ -95,6 +98,8 @@ class FactorsSource:
         self._ctx: AgentContext | None = None
         self._fit: asyncio.Task[None] | None = None
         self._again = False
+        # forgets of users with events in the window while a fit ran (see recsys_forget_user)
+        self._forgets = 0
         self._version_gauge: Gauge | None = None
         self._outcomes: Counter | None = None
 
@@ -126,12 +131,14 @@ class FactorsSource:
             yield
         finally:
             self.enabled = False
-            # a fit in flight cannot be stopped (native code): its thread is a daemon, and
-            # what it returns is dropped
+            # a fit in flight cannot be stopped (native code): its thread is a daemon, what it
+            # returns is dropped, and it is given a bounded while to finish, since native code
+            # aborts when the interpreter exits under it
             if self._fit is not None:
                 self._fit.cancel()
                 with suppress(asyncio.CancelledError):
                     await self._fit
+                await asyncio.to_thread(join_running, THREAD_JOIN_S)
 
     @hookimpl
     def recsys_settle(self) -> Any:
@@ -168,7 +175,11 @@ class FactorsSource:
 
     @hookimpl
     def recsys_forget_user(self, user_id: str) -> None:
-        self.window.forget(user_id)
+        if self.window.forget(user_id) and self._fit is not None and not self._fit.done():
+            # the fit in flight copied the window before the forget: its version is dropped and
+            # another fit follows at once, on the window without the user
+            self._forgets += 1
+            self._again = True
 
     @hookimpl
     def recsys_export_user(self, user_id: str, catalog: Catalog) -> dict[str, Any] | None:
@@ -202,7 +213,9 @@ class FactorsSource:
             return
         job = self._job(catalog)
         if job is not None:
-            self._fit = asyncio.get_running_loop().create_task(self._run_fits(job, catalog), name="factors-fit")
+            self._fit = asyncio.get_running_loop().create_task(
+                self._run_fits(job, catalog, self._forgets), name="factors-fit"
+            )
 
     def _job(self, catalog: Catalog) -> FitJob | None:
         users, slots, signals = self.window.window()
@@ -219,15 +232,20 @@ class FactorsSource:
             return
         self._install(version)
 
-    async def _run_fits(self, job: FitJob | None, catalog: Catalog) -> None:
+    async def _run_fits(self, job: FitJob | None, catalog: Catalog, forgets: int) -> None:
+        """Fit ``job`` (whose window was copied when ``forgets`` users had been forgotten during
+        fits), and again while events came due or a user was forgotten meanwhile."""
         try:
             while job is not None:
                 version = await in_daemon_thread(fit, job, self.options)
                 if not self.enabled:
                     return
-                self._install(version)
+                if forgets == self._forgets:
+                    self._install(version)
+                # else: it learned from a user forgotten meanwhile; the refit below replaces it
                 # events that came due during the fit: one more, on the window as it is now
                 job = self._job(catalog) if self._again else None
+                forgets = self._forgets
                 self._again = False
         except asyncio.CancelledError:
             raise
@@ -270,23 +288,22 @@ class FactorsSource:
         if not asked:
             return answers
         users = fold_in(version, [histories[i] for i in asked], options.regularization, options.alpha)
-        items = version.item_factors
-        scores = users.astype(np.float32) @ items.T
-        size = version.size
-        for row, i in enumerate(asked):
-            query = queries[i]
-            allowed = query.allowed()
-            mask = np.zeros(size, dtype=bool)
-            within = min(len(allowed), size)
-            np.logical_and(allowed[:within], version.rankable[:within], out=mask[:within])
-            slots, found = top_slots(scores[row], query.n_candidates, mask)
+        user_rows = users.astype(np.float32)
+        # one product and one selection for the batch (scores of every item the version knows)
+        found = top_allowed(
+            user_rows @ version.item_factors.T,
+            [queries[i].allowed() for i in asked],
+            version.rankable,
+            [queries[i].n_candidates for i in asked],
+        )
+        for row, (i, (slots, scores)) in enumerate(zip(asked, found, strict=True)):
             if len(slots):
                 answers[i] = Candidates(
                     source=SOURCE,
                     slots=slots,
-                    scores=found.astype(np.float64),
+                    scores=scores.astype(np.float64),
                     reasons=REASON,
-                    score_of=_scorer(version, users[row].astype(np.float32)),
+                    score_of=_scorer(version, user_rows[row]),
                 )
         return answers
 

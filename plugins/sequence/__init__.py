@@ -54,7 +54,7 @@ from agent.pipeline.recent_events import RecentEvents
 from agent.pipeline.user_state import UserState
 from agent.pipeline.values import Candidates, Query
 from agent.threads import in_daemon_thread
-from agent.vectors.item_vectors import ItemVectors, top_per_row
+from agent.vectors.item_vectors import ItemVectors, top_allowed
 from agent.wire.contract import Event, Item
 from plugins.sequence.forward import encode, score_rows
 from plugins.sequence.options import SequenceOptions
@@ -479,31 +479,20 @@ class SequenceSource:
         users = encode(served.version.params, shape, rows, valid)
         size = table.size
         scores = score_rows(table.rows[:size], users)
-        rankable = table.rankable[:size]
-        for row, i in enumerate(asked):
-            allowed = queries[i].allowed()
-            within = min(len(allowed), size)
-            blocked = np.ones(size, dtype=bool)
-            np.logical_not(allowed[:within] & rankable[:within], out=blocked[:within])
-            np.copyto(scores[row], -np.inf, where=blocked)
-        wanted = max(queries[i].n_candidates for i in asked)
-        columns = top_per_row(scores, wanted)
-        values = np.take_along_axis(scores, columns, axis=1)
-        # best first; a selection is in slot order, so the stable sort sends ties to the lower slot
-        order = np.argsort(-values, axis=1, kind="stable")
-        columns = np.take_along_axis(columns, order, axis=1)
-        values = np.take_along_axis(values, order, axis=1)
-        for row, i in enumerate(asked):
-            n = queries[i].n_candidates
-            found, found_scores = columns[row, :n], values[row, :n]
-            keep = np.isfinite(found_scores)
-            if not keep.any():
+        found = top_allowed(
+            scores,
+            [queries[i].allowed() for i in asked],
+            table.rankable[:size],
+            [queries[i].n_candidates for i in asked],
+        )
+        for row, (i, (slots, found_scores)) in enumerate(zip(asked, found, strict=True)):
+            if not len(slots):
                 continue
             last = sequences[i][-1]
             answers[i] = Candidates(
                 source=SOURCE,
-                slots=found[keep].astype(np.int64),
-                scores=found_scores[keep].astype(np.float64),
+                slots=slots,
+                scores=found_scores.astype(np.float64),
                 reasons=_reason(catalog, last),
                 score_of=_scorer(table.rows, table.rankable, users[row].copy()),
             )

@@ -245,6 +245,18 @@ def test_an_event_without_a_ranking_or_with_a_negative_signal_teaches_nothing() 
     assert plugin.weights == before and plugin.feedbacks == 0
 
 
+def test_a_new_ranking_ends_the_old_one_even_when_it_keeps_nothing() -> None:
+    users = UserStore(50, 100)
+    queries, lists = queries_for(Shop(5), users, 8, Catalog())
+    plugin = fusion(users)
+    plugin.recsys_fuse_batch(queries, lists)
+    held = [q for q in queries if q.user.user_id in plugin.pending]
+    assert held
+    # ranked again with no candidates at all: nothing is kept, and the old list teaches no more
+    assert plugin.recsys_fuse_batch(held, [[] for _ in held]) == [[] for _ in held]
+    assert not plugin.pending
+
+
 def test_every_item_of_a_basket_teaches_from_the_list_it_was_chosen_from() -> None:
     users = UserStore(50, 100)
     queries, lists = queries_for(Shop(5), users, 8, Catalog())

@@ -30,7 +30,7 @@ SHELVES, SHELF = 8, 5
 N_ITEMS = SHELVES * SHELF
 T0 = 1_700_000_000.0
 # small and quick: the structure needs no more
-SMALL = {"factors": 8, "iterations": 8, "first_events": 400, "every_events": 400, "training": "inline"}
+SMALL = {"enabled": True, "factors": 8, "iterations": 8, "first_events": 400, "every_events": 400, "training": "inline"}
 # everything but the source itself and what ranks around it; content's model is not the point
 OTHERS = ["content", "sequence", "cross_encoder", "nats_publisher", "summariser"]
 
@@ -150,6 +150,25 @@ async def test_forget_takes_the_users_events_out_of_the_window(tmp_path: Path) -
         source.start_fit(pipeline.catalog)
         assert source.served is not None and source.served.info["window_events"] == held - 3
         assert source.served.info["users"] == 99
+
+
+async def test_a_fit_in_flight_when_a_user_is_forgotten_is_dropped_and_redone(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path, training="background")) as pipeline:
+        source = factors_of(pipeline)
+        await apply(pipeline, baskets(150))
+        await pipeline.settle()
+        before = source.served
+        assert before is not None
+        # a fit of the window as it is now, with u5's events in it
+        source.start_fit(pipeline.catalog)
+        assert source._fit is not None and not source._fit.done()
+        knew_u5 = source._number
+        assert await pipeline.forget_user("u5")
+        await pipeline.settle()
+        served = source.served
+        assert served is not None and served.number > knew_u5, "a fit after the forget is served"
+        assert knew_u5 not in [fit["version"] for fit in source.fits], "the fit that knew u5 was not installed"
+        assert served.info["users"] == 149 and served.info["window_events"] == len(source.window)
 
 
 async def test_disabled_by_its_options(tmp_path: Path) -> None:
