@@ -53,19 +53,37 @@ EXTRA_OF_MODULE = {
 }
 
 
+def _needs(plugin: str, module: str) -> str:
+    """What an install that lacks ``module`` (a key of EXTRA_OF_MODULE) is missing, and how to
+    mend it or start without the plugin."""
+    extra = EXTRA_OF_MODULE[module]
+    return (
+        f"{module}, which comes with the '{extra}' extra: pip install 'recsys-agent[{extra}]' "
+        f'(or leave the plugin out: disabled_plugins = ["{plugin}"])'
+    )
+
+
+def missing_extra(plugin: str, module: str, *imports: str) -> str | None:
+    """Why ``plugin`` is disabled when ``module`` (or one of ``imports``, default the module
+    itself) does not import, a shared library that fails to load included; None when all do.
+    For plugins that import their heavy dependency only when they start."""
+    try:
+        for name in imports or (module,):
+            importlib.import_module(name)
+    except ImportError as exc:
+        return f"the {plugin} plugin is disabled: it needs {_needs(plugin, module)}; the import said: {exc}"
+    return None
+
+
 def _load(spec: str, name: str = "") -> Any:
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").partition(".")[0]
-        extra = EXTRA_OF_MODULE.get(missing)
-        if extra is None:
+        if missing not in EXTRA_OF_MODULE:
             raise
-        raise ConfigError(
-            f"the {name or module_name} plugin needs {missing}, which comes with the '{extra}' extra: "
-            f"pip install 'recsys-agent[{extra}]' (or leave the plugin out: disabled_plugins = [\"{name}\"])"
-        ) from None
+        raise ConfigError(f"the {name or module_name} plugin needs {_needs(name, missing)}") from None
     return getattr(module, attribute) if attribute else module
 
 

@@ -25,7 +25,6 @@ Without implicit the plugin is disabled with a message that says which extra bri
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -35,7 +34,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from agent.context import AgentContext
-from agent.hooks.manager import EXTRA_OF_MODULE
+from agent.hooks.manager import missing_extra
 from agent.hooks.specs import hookimpl
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.recent_events import RecentEvents
@@ -60,21 +59,6 @@ REASON = "chosen by people whose choices resemble yours"
 THREAD_JOIN_S = 5.0
 # fits kept in the report
 REPORTED_FITS = 200
-
-
-def missing_implicit() -> str | None:
-    """Why the plugin cannot fit, when implicit does not import; None when it does."""
-    try:
-        importlib.import_module("implicit.als")
-        importlib.import_module("threadpoolctl")
-    except ImportError as exc:
-        extra = EXTRA_OF_MODULE["implicit"]
-        return (
-            f"the {PLUGIN_NAME} plugin is disabled: it fits implicit's ALS, which comes with the "
-            f"'{extra}' extra: pip install 'recsys-agent[{extra}]' (or leave the plugin out: "
-            f'disabled_plugins = ["{PLUGIN_NAME}"]); import failed: {exc}'
-        )
-    return None
 
 
 class FactorsSource:
@@ -112,7 +96,7 @@ class FactorsSource:
         if not options.enabled:
             yield
             return
-        self.disabled_reason = missing_implicit()
+        self.disabled_reason = missing_extra(PLUGIN_NAME, "implicit", "implicit.als", "threadpoolctl")
         if self.disabled_reason is not None:
             log.warning(self.disabled_reason)
             yield

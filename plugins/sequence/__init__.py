@@ -31,7 +31,6 @@ Without torch the plugin is disabled with a message that says which extra brings
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import math
 import time
@@ -46,7 +45,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from agent.context import AgentContext
-from agent.hooks.manager import EXTRA_OF_MODULE
+from agent.hooks.manager import missing_extra
 from agent.hooks.specs import hookimpl
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.extras import ITEM_VECTORS, Key
@@ -79,18 +78,6 @@ LIVE_CLOCK_TOLERANCE_S = 3_600.0
 STOP_TIMEOUT_S = 2.0
 # rounds kept in the report
 REPORTED_ROUNDS = 200
-
-
-def missing_torch() -> str | None:
-    """Why the plugin cannot train, when torch is not installed; None when it is."""
-    if importlib.util.find_spec("torch") is not None:
-        return None
-    extra = EXTRA_OF_MODULE["torch"]
-    return (
-        f"the {PLUGIN_NAME} plugin is disabled: it trains its model with torch, which comes with the "
-        f"'{extra}' extra: pip install 'recsys-agent[{extra}]' (or leave the plugin out: "
-        f'disabled_plugins = ["{PLUGIN_NAME}"])'
-    )
 
 
 @dataclass(slots=True)
@@ -146,7 +133,7 @@ class SequenceSource:
         if not options.enabled:
             yield
             return
-        self.disabled_reason = missing_torch()
+        self.disabled_reason = missing_extra(PLUGIN_NAME, "torch")
         if self.disabled_reason is not None:
             log.warning(self.disabled_reason)
             yield

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -169,6 +170,24 @@ async def test_a_fit_in_flight_when_a_user_is_forgotten_is_dropped_and_redone(tm
         assert served is not None and served.number > knew_u5, "a fit after the forget is served"
         assert knew_u5 not in [fit["version"] for fit in source.fits], "the fit that knew u5 was not installed"
         assert served.info["users"] == 149 and served.info["window_events"] == len(source.window)
+
+
+async def test_without_implicit_it_is_disabled_naming_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what an install without the ml extra looks like to the importer
+    monkeypatch.setitem(sys.modules, "implicit", None)
+    monkeypatch.setitem(sys.modules, "implicit.als", None)
+    async with running(settings_for(tmp_path)) as pipeline:
+        await apply(pipeline, baskets(150))
+        source = factors_of(pipeline)
+        assert not source.enabled and source.served is None
+        assert source.disabled_reason is not None
+        assert "pip install 'recsys-agent[ml]'" in source.disabled_reason
+        assert 'disabled_plugins = ["factors"]' in source.disabled_reason
+        assert source.recsys_candidates_batch([pipeline.make_query("u1", 10)]) is None
+        # the other stages serve as before
+        assert (await pipeline.recommend("u1")).items
 
 
 async def test_disabled_by_its_options(tmp_path: Path) -> None:
