@@ -56,7 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.bus.embedded_server import client_url
 from agent.wire.contract import Event, event_subject
-from tests.bench.machine import describe, load_average, percentile
+from tests.bench.machine import children, cpu_seconds, describe, load_average, percentile, rss_kib
 from tests.processes import start_agent as run_agent
 
 PREFIX = "recsys"
@@ -64,26 +64,6 @@ HISTOGRAMS = ("recsys_push_batch_size", "recsys_apply_batch_size")
 
 
 # -- the agent process -------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process (all its threads) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 @dataclass

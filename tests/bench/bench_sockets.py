@@ -46,7 +46,7 @@ from agent.bus.embedded_server import client_url
 from agent.demo import demo_items
 from agent.serving.socket_tokens import TokenSigner
 from agent.wire.contract import Event, event_subject
-from tests.bench.machine import describe, load_average, percentile
+from tests.bench.machine import children, cpu_seconds, describe, load_average, percentile, rss_kib
 from tests.processes import start_agent, stop
 
 PREFIX = "recsys"
@@ -54,23 +54,8 @@ SECRET = "bench-sockets-secret-0123456789abcdef"
 TYPES = ("view", "view", "click", "like")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def rss_mib_of(pid: int) -> float:
+    return rss_kib(pid) / 1024
 
 
 def raise_own_descriptor_limit(needed: int) -> int:
@@ -166,8 +151,8 @@ async def run(args: argparse.Namespace) -> None:
     try:
         async with aiohttp.ClientSession(connector=connector) as http:
             await asyncio.sleep(2.0)
-            rss_before = rss_mib(process.pid)
-            client_before = rss_mib(os.getpid())
+            rss_before = rss_mib_of(process.pid)
+            client_before = rss_mib_of(os.getpid())
             ws_url = f"{http_url.replace('http://', 'ws://')}/v1/ws"
             users = [f"bench-{i}" for i in range(args.sockets)]
             gate = asyncio.Semaphore(args.connect_concurrency)
@@ -189,8 +174,8 @@ async def run(args: argparse.Namespace) -> None:
             opened = sum(await asyncio.gather(*(open_one(user) for user in users)))
             connect_s = time.perf_counter() - connect_started
             await asyncio.sleep(3.0)
-            rss_sockets = rss_mib(process.pid)
-            client_sockets = rss_mib(os.getpid())
+            rss_sockets = rss_mib_of(process.pid)
+            client_sockets = rss_mib_of(os.getpid())
             open_now = (await counters(http, http_url)).get("recsys_ws_sockets", 0)
             print(
                 f"connect: {opened} sockets open ({args.sockets - opened} refused) in {connect_s:.1f} s, each with"
@@ -233,7 +218,7 @@ async def run(args: argparse.Namespace) -> None:
             agent_used = cpu_seconds(process.pid) - agent_cpu
             nats_used = sum(cpu_seconds(c) for c in children(process.pid)) - nats_cpu
             client_used = time.process_time() - client_cpu
-            rss_flow = rss_mib(process.pid)
+            rss_flow = rss_mib_of(process.pid)
             counted = await counters(http, http_url)
             print_flow(args, readings, total, send_s, load)
             sent = counted.get("recsys_ws_pushes_total", 0) - counted_before.get("recsys_ws_pushes_total", 0)
