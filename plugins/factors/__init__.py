@@ -71,7 +71,7 @@ class FactorsSource:
         self.options = FactorsOptions()
         self.enabled = False
         self.disabled_reason: str | None = None
-        self.window = RecentEvents(self.options.window_events)
+        self.window = RecentEvents(1)  # sized at start, when enabled: a disabled plugin holds no window
         # the version every query is answered by; replaced whole, never changed
         self.served: Version | None = None
         self.seen = 0

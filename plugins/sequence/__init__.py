@@ -103,7 +103,7 @@ class SequenceSource:
         self.enabled = False
         self.disabled_reason: str | None = None
         self.agent_id = uuid.uuid4().hex[:12]
-        self.recent = RecentEvents(self.options.window_events)
+        self.recent = RecentEvents(1)  # sized at start, when enabled: a disabled plugin holds no window
         # the version every query is answered by, and versions trained but not servable yet
         self.served: Served | None = None
         self.pending: deque[Served] = deque()
