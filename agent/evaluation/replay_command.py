@@ -157,7 +157,7 @@ def _options(args: argparse.Namespace) -> ReplayOptions:
 # built-in plugins that train models in the background: a replay makes them train inline
 # (the event that triggers a round waits for it) unless the configuration says otherwise, so
 # that a replay gets the same versions at the same events on every run
-BACKGROUND_TRAINERS = ("factors", "sequence")
+BACKGROUND_TRAINERS = ("factors", "ease", "sequence")
 
 
 def _inline_training(settings: Settings) -> Settings:

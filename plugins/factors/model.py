@@ -19,19 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.pipeline.window_models import FitJob
 from plugins.factors.options import FactorsOptions
-
-
-@dataclass(frozen=True, slots=True)
-class FitJob:
-    """One fit's input, copied on the loop's thread: the window as it was at the trigger."""
-
-    number: int
-    users: np.ndarray
-    slots: np.ndarray
-    signals: np.ndarray
-    n_items: int
-    events_seen: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,17 +1,14 @@
 """The factors source: implicit's ALS fitted on the stream, swapped whole, folded in per user.
 
-The fits here are real (implicit on a small stream): shoppers buy within one of eight shelves
-of five items each, so what a shopper will buy next is the rest of their shelf, which only
-who-bought-with-whom reveals (every item is about as popular as every other).
+The fits here are real (implicit on a small stream of shelf shoppers, ``shelves.py``). The
+lifecycle every window-fitted source shares (``agent/pipeline/window_models.py``: cadence,
+versions, settle, forgetting during a fit) is tested here, through this source.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,57 +16,19 @@ import numpy as np
 import pytest
 
 from agent.config import ConfigError, Settings
-from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
-from agent.wire.contract import Event, Item
 from plugins.factors import FactorsSource
 from plugins.factors.model import FitJob, fit, fold_in
 from plugins.factors.options import FactorsOptions
 from tests.builders import offline_settings
+from tests.pipeline.shelves import OTHERS, apply, baskets, enter, purchases, running
 
-SHELVES, SHELF = 8, 5
-N_ITEMS = SHELVES * SHELF
-T0 = 1_700_000_000.0
 # small and quick: the structure needs no more
 SMALL = {"enabled": True, "factors": 8, "iterations": 8, "first_events": 400, "every_events": 400, "training": "inline"}
-# everything but the source itself and what ranks around it; content's model is not the point
-OTHERS = ["content", "sequence", "cross_encoder", "nats_publisher", "summariser"]
-
-
-def shop() -> list[Item]:
-    return [Item(id=f"p{i}", title=f"shelf {i // SHELF} item {i}") for i in range(N_ITEMS)]
-
-
-def baskets(n_users: int = 300, seed: int = 3) -> list[Event]:
-    """Each shopper buys 3 of the 5 items of one shelf, at one time per purchase."""
-    rng = random.Random(seed)
-    events = []
-    for u in range(n_users):
-        shelf = rng.randrange(SHELVES)
-        for n, item in enumerate(rng.sample(range(shelf * SHELF, shelf * SHELF + SHELF), 3)):
-            events.append(
-                Event(type="purchase", user_id=f"u{u}", item_id=f"p{item}", ts=T0 + 10 * u + n, id=f"e{u}-{n}")
-            )
-    return events
 
 
 def settings_for(data_dir: Path, **options: Any) -> Settings:
-    return offline_settings(data_dir, disabled_plugins=OTHERS, plugins={"factors": {**SMALL, **options}})
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Pipeline]:
-    pipeline = Pipeline(settings, get_plugin_manager(settings))
-    async with pipeline.running():
-        await pipeline.upsert_items(shop())
-        yield pipeline
-
-
-async def apply(pipeline: Pipeline, events: list[Event], first: int = 1, batch: int = 32) -> None:
-    for start in range(0, len(events), batch):
-        chunk = events[start : start + batch]
-        outcomes = await pipeline.apply_events([(event, first + start + i) for i, event in enumerate(chunk)])
-        assert not [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    return offline_settings(data_dir, disabled_plugins=[*OTHERS, "ease"], plugins={"factors": {**SMALL, **options}})
 
 
 def factors_of(pipeline: Pipeline) -> FactorsSource:
@@ -99,11 +58,7 @@ async def test_proposes_the_rest_of_the_shelf_and_swaps_versions(tmp_path: Path)
         assert [fit["version"] for fit in source.fits] == [1, 2]
         assert np.array_equal(first.item_factors, held), "a served version is replaced, never changed"
         # someone new buys two items of shelf 2: the other three lead what the source proposes
-        await apply(
-            pipeline,
-            [Event(type="purchase", user_id="new", item_id=f"p{i}", ts=T0 + 9e4, id=f"n{i}") for i in (10, 11)],
-            first=10_000,
-        )
+        await apply(pipeline, purchases("new", (10, 11)), first=10_000)
         top = proposed(pipeline, "new")
         assert set(top[:3]) == {"p12", "p13", "p14"}, top
         assert not {"p10", "p11"} & set(top), "what the user bought is not proposed again"
@@ -212,12 +167,7 @@ async def test_disabled_by_its_options(tmp_path: Path) -> None:
 def test_bad_options_stop_the_start_with_the_option_named(tmp_path: Path, option: str, value: Any) -> None:
     settings = settings_for(tmp_path, **{option: value})
     with pytest.raises(ConfigError, match=rf"\[plugins.factors\] option '{option}'"):
-        asyncio.run(_enter(settings))
-
-
-async def _enter(settings: Settings) -> None:
-    async with Pipeline(settings, get_plugin_manager(settings)).running():
-        await asyncio.sleep(0)  # entering the lifespans is the test: a bad option refuses the start
+        asyncio.run(enter(settings))
 
 
 def test_fold_in_is_implicits_own_user_solve() -> None:
