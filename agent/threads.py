@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_RUNNING: set[threading.Thread] = set()
+# running threads -> the group they were started in
+_RUNNING: dict[threading.Thread, str] = {}
 
 
-def join_running(timeout_s: float) -> None:
-    """Wait (bounded) for daemon threads still at work: native code such as torch aborts the
-    process when the interpreter exits under it."""
-    for thread in list(_RUNNING):
-        thread.join(timeout_s)
+def join_running(timeout_s: float, group: str | None = None) -> None:
+    """Wait, at most ``timeout_s`` in all, for daemon threads still at work (those of ``group``,
+    or all): native code such as torch aborts the process when the interpreter exits under it.
+
+    A plugin that stops waits for its own threads only: waiting for every thread would make
+    each stopping plugin wait again for another's slow one (a model still loading)."""
+    deadline = time.monotonic() + timeout_s
+    for thread, of in list(_RUNNING.items()):
+        if group is None or of == group:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
-async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+async def in_daemon_thread(function: Callable[..., T], *args: Any, group: str = "") -> T:
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -47,9 +54,9 @@ async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
         else:
             hand_back(lambda: future.set_result(result))
         finally:
-            _RUNNING.discard(threading.current_thread())
+            _RUNNING.pop(threading.current_thread(), None)
 
     thread = threading.Thread(target=run, name=getattr(function, "__name__", "worker"), daemon=True)
-    _RUNNING.add(thread)
+    _RUNNING[thread] = group
     thread.start()
     return await future

@@ -158,6 +158,10 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
         self._version_gauge: Gauge | None = None
         self._outcomes: Counter | None = None
 
+    @property
+    def _thread_group(self) -> str:
+        return f"{self.plugin_name}-fit"
+
     @abstractmethod
     def fit_version(self, job: FitJob) -> VersionT:
         """A fresh model from the job's events (in a worker thread, or inline)."""
@@ -197,7 +201,7 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
                 self._fit.cancel()
                 with suppress(asyncio.CancelledError):
                     await self._fit
-                await asyncio.to_thread(join_running, THREAD_JOIN_S)
+                await asyncio.to_thread(join_running, THREAD_JOIN_S, self._thread_group)
 
     @hookimpl
     def recsys_settle(self) -> Any:
@@ -296,7 +300,7 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
         fits), and again while events came due or a user was forgotten meanwhile."""
         try:
             while job is not None:
-                version = await in_daemon_thread(self.fit_version, job)
+                version = await in_daemon_thread(self.fit_version, job, group=self._thread_group)
                 if not self.enabled:
                     return
                 if forgets == self._forgets:
