@@ -104,7 +104,9 @@ def _drive(driver: object, url: str) -> dict[str, object]:
     coffee = cards()[:3]
     for item in coffee:
         act(item, "like")
-    wait.until(lambda _: recommended() != first and len(recommended()) >= 5)
+    # read once none of the liked items is offered back (a push may reflect the first likes
+    # before the last; a list that keeps offering one times the wait out)
+    wait.until(lambda _: (now := recommended()) != first and len(now) >= 5 and not set(coffee) & set(now))
     # the push that reflects the last click: its latency is shown
     wait.until(lambda d: "event → push" in d.find_element(By.ID, "latency").text)
     after_coffee = recommended()
@@ -113,7 +115,16 @@ def _drive(driver: object, url: str) -> dict[str, object]:
     tents = cards()[:3]
     for item in tents:
         act(item, "purchase")
-    wait.until(lambda _: recommended() != after_coffee and any(i.startswith("camping-") for i in recommended()))
+    # a push may reflect the first purchases before the last: the panel is read once none of
+    # the bought tents is offered (the check that what was bought is not offered back: a list
+    # that keeps offering one times the wait out)
+    wait.until(
+        lambda _: (
+            (now := recommended()) != after_coffee
+            and any(i.startswith("camping-") for i in now)
+            and not set(tents) & set(now)
+        )
+    )
     after_camping = recommended()
     wait.until(lambda d: d.find_element(By.ID, "op-sockets").text == "1")
     wait.until(lambda d: d.find_element(By.ID, "events").text.count("\n") >= 5)
@@ -149,8 +160,6 @@ async def test_clicking_items_changes_the_recommendations_panel(tmp_path: Path, 
         await stop(process)
     coffee_recs = [i for i in seen["after_coffee"] if i.startswith("coffee-")]  # type: ignore[union-attr]
     assert len(coffee_recs) >= 3, f"liking coffee brings coffee: {seen['after_coffee']}"
-    assert not set(seen["coffee"]) & set(seen["after_coffee"]), "what was liked is not offered back"  # type: ignore[arg-type]
-    assert not set(seen["tents"]) & set(seen["after_camping"])  # type: ignore[arg-type]
     assert "ms" in str(seen["latency"])
     # everything the page loaded came from the agent itself
     assert all(str(name).startswith(http_url) for name in seen["resources"]), seen["resources"]  # type: ignore[union-attr]
