@@ -160,7 +160,7 @@ def _options(args: argparse.Namespace) -> ReplayOptions:
 BACKGROUND_TRAINERS = ("factors", "ease", "sequence")
 
 
-def _inline_training(settings: Settings) -> Settings:
+def inline_training(settings: Settings) -> Settings:
     plugins = {name: dict(table) for name, table in settings.plugins.items()}
     for name in BACKGROUND_TRAINERS:
         plugins.setdefault(name, {}).setdefault("training", "inline")
@@ -170,7 +170,7 @@ def _inline_training(settings: Settings) -> Settings:
 async def _run_replay(
     settings: Settings, options: ReplayOptions, items: list[Item], events: list[Event], profiled: bool
 ) -> tuple[ReplayResult, cProfile.Profile | None]:
-    settings = _inline_training(settings)
+    settings = inline_training(settings)
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     profile = cProfile.Profile() if profiled else None
     async with pipeline.running():

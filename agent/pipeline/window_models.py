@@ -6,7 +6,9 @@ differ in what they fit and how they score; what they share lives here:
 - the window: the latest ``window_events`` positive events (``recent_events.py``), appended by
   the batch apply hook;
 - the cadence: a refit every ``every_events`` of them, the first after ``first_events`` and the
-  interval doubling up to ``every_events``, so a young stream is not served by no model;
+  interval doubling up to ``every_events``, so a young stream is not served by no model; in
+  the background, at most one fit starts per ``min_interval_s`` seconds, so that a fast stream
+  does not spend a growing share of the CPU on refits (a fit costs the same whatever the rate);
 - where a fit runs: a worker thread (``training = "background"``; the previous version serves
   meanwhile) or on the triggering apply (``"inline"``: a replay gets the same versions at the
   same events on every run);
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
@@ -64,6 +68,9 @@ class WindowOptions:
     # interval doubles from there up to ``every_events``
     every_events: int = 10_000
     first_events: int = 1_000
+    # background fits: a due fit waits until this many seconds have passed since the last one
+    # started (an inline fit, as in a replay, is counted in events alone)
+    min_interval_s: float = 60.0
     # a fit learns from the latest this many positive events (the memory bound)
     window_events: int = 200_000
     # "background": a fit runs in a worker thread while the previous version serves;
@@ -77,6 +84,7 @@ class WindowOptions:
             for name, bad, message in (
                 ("every_events", self.every_events < 1, "must be at least 1"),
                 ("first_events", self.first_events < 1, "must be at least 1"),
+                ("min_interval_s", not 0 <= self.min_interval_s <= 86_400, "must be in 0..86400"),
                 ("window_events", not 2 <= self.window_events <= MAX_WINDOW, f"must be in 2..{MAX_WINDOW:,}"),
                 ("training", self.training not in TRAINING_MODES, f"must be one of {', '.join(TRAINING_MODES)}"),
                 ("seed", self.seed < 0, "must be at least 0"),
@@ -148,6 +156,9 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
         self.served: VersionT | None = None
         self.seen = 0
         self.next_fit = self.options.first_events
+        # when the last background fit started, by ``clock`` (seconds)
+        self.clock: Callable[[], float] = time.monotonic
+        self._fit_started = -math.inf
         self.fits: list[dict[str, Any]] = []
         self.failure: str | None = None
         self._number = 0
@@ -233,8 +244,13 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
             [users[i].user_id for i in positive], [slots[i] for i in positive], [signals[i] for i in positive]
         )
         self.seen += len(positive)
-        if self.seen >= self.next_fit:
+        if self.seen >= self.next_fit and self._interval_passed():
             self._start_fit(catalog)
+
+    def _interval_passed(self) -> bool:
+        if self.options.training == "inline":
+            return True
+        return self.clock() - self._fit_started >= self.options.min_interval_s
 
     @hookimpl
     def recsys_forget_user(self, user_id: str) -> None:
@@ -300,6 +316,7 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
         fits), and again while events came due or a user was forgotten meanwhile."""
         try:
             while job is not None:
+                self._fit_started = self.clock()
                 version = await in_daemon_thread(self.fit_version, job, group=self._thread_group)
                 if not self.enabled:
                     return

@@ -69,12 +69,26 @@ class EaseSource(WindowModelSource[EaseOptions, Version]):
         )
         # the batch's scores of every modelled item, in one product
         scores = np.asarray(users @ version.weights, dtype=np.float32)
-        spread = np.zeros((len(asked), version.size), dtype=np.float32)
-        spread[:, version.modelled] = scores
+        # Selected among the modelled items only (a few thousand columns, not the catalog's
+        # width); they are in slot order, so ties still go to the lower slot. The selection
+        # overwrites what it blocks: fusion's score_of reads the scores as computed.
         found = top_allowed(
-            spread, [queries[i].allowed() for i in asked], version.rankable, [queries[i].n_candidates for i in asked]
+            scores.copy(),
+            [modelled_mask(version.modelled, queries[i].allowed()) for i in asked],
+            np.ones(len(version.modelled), dtype=bool),
+            [queries[i].n_candidates for i in asked],
         )
+        found = [(version.modelled[columns], values) for columns, values in found]
         return answers_of(len(queries), asked, found, SOURCE, REASON, lambda row: _scorer(version, scores[row]))
+
+
+def modelled_mask(modelled: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """A query's mask (over catalog slots) read at the ``modelled`` slots (ascending); a slot
+    beyond the mask (added to the catalog after the query was made) is not allowed."""
+    within = int(np.searchsorted(modelled, len(allowed)))
+    mask = np.zeros(len(modelled), dtype=bool)
+    mask[:within] = allowed[modelled[:within]]
+    return mask
 
 
 def _scorer(version: Version, scores: np.ndarray) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
 import statistics
 import time
@@ -32,6 +33,7 @@ from agent.config import Settings, load_settings
 from agent.evaluation.datasets import read_items
 from agent.evaluation.events import load_events
 from agent.evaluation.replay import load_catalog
+from agent.evaluation.replay_command import inline_training
 from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
 from agent.wire.contract import Event, Item
@@ -68,7 +70,13 @@ class Measured:
 
 
 async def measure(
-    settings: Settings, items: list[Item], warmup: list[Event], events: list[Event], size: int, keep_lists: bool
+    settings: Settings,
+    items: list[Item],
+    warmup: list[Event],
+    events: list[Event],
+    size: int,
+    keep_lists: bool,
+    profiler: cProfile.Profile | None = None,
 ) -> Measured:
     pipeline = Pipeline(settings, get_plugin_manager(settings))
     now = 0.0
@@ -94,7 +102,11 @@ async def measure(
             now = batch[-1].ts
             queries = [pipeline.make_query(event.user_id, settings.default_k) for event in batch]
             wall, cpu = time.perf_counter(), time.process_time()
+            if profiler is not None:
+                profiler.enable()
             recs = await pipeline.recommend_batch(queries)
+            if profiler is not None:
+                profiler.disable()
             middle_wall, middle_cpu = time.perf_counter(), time.process_time()
             await pipeline.apply_events([(event, seq + i) for i, event in enumerate(batch, start=1)])
             seq += len(batch)
@@ -137,13 +149,20 @@ async def main(args: argparse.Namespace) -> None:
     items = read_items(Path(args.items))
     events = load_events(Path(args.events))
     warmup, measured = events[: args.warmup], one_per_user(events[args.warmup :], args.measure)
-    settings = load_settings(args.config, overrides={"data_dir": args.data_dir, "log_level": "WARNING"})
+    # models refitted on the window train inline, as in a replay: every run serves the versions
+    # fitted at the same events of the warm-up, whatever the machine's speed
+    settings = inline_training(
+        load_settings(args.config, overrides={"data_dir": args.data_dir, "log_level": "WARNING"})
+    )
     print(describe())
     print(f"{len(items)} items; {len(warmup)} events of warm-up, then one event of each of {len(measured)} users")
     results = []
     for size in sizes:
-        result = await measure(settings, items, warmup, measured, size, keep_lists=bool(args.lists))
+        profiler = cProfile.Profile() if args.profile else None
+        result = await measure(settings, items, warmup, measured, size, bool(args.lists), profiler)
         print(report(result), flush=True)
+        if profiler is not None:
+            profiler.dump_stats(f"{args.profile}.b{size}")
         results.append(result)
         if args.lists:
             Path(f"{args.lists}.b{size}").write_text("\n".join(result.lines) + "\n", encoding="utf-8")
@@ -170,6 +189,12 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", default="out/bench-stages")
     parser.add_argument(
         "--lists", default=None, help="write every list (ids and scores) to FILE.b<N>, to diff two versions"
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write a cProfile of the ranking calls only (not warm-up or applies) to FILE.b<N>; "
+        "profiling slows every call, so the times printed beside it are not the figures",
     )
     # as in the agent's process
     with limit_blas_threads():

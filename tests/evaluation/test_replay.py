@@ -19,7 +19,7 @@ from agent.evaluation.baselines import DAY_S, ItemKNN, Popularity, rank_of
 from agent.evaluation.datasets import DatasetError
 from agent.evaluation.events import load_events, select_events
 from agent.evaluation.replay import ReplayOptions, batch_bounds, replay
-from agent.evaluation.replay_command import _inline_training
+from agent.evaluation.replay_command import inline_training
 from agent.hooks.manager import BUILTIN_PLUGINS, get_plugin_manager
 from agent.hooks.specs import hookimpl
 from agent.pipeline.pipeline import Pipeline
@@ -577,7 +577,7 @@ def evaluator_rescaled(config: Any, stream: Any) -> bool:
 
 def test_a_replay_trains_background_models_inline_unless_configured_otherwise() -> None:
     settings = Settings(plugins={"sequence": {"training": "background", "enabled": True}, "fusion": {}})
-    replayed = _inline_training(settings)
+    replayed = inline_training(settings)
     assert replayed.plugins["factors"] == {"training": "inline"}
     assert replayed.plugins["sequence"] == {"training": "background", "enabled": True}, "the configuration wins"
     assert settings.plugins == {"sequence": {"training": "background", "enabled": True}, "fusion": {}}, "unchanged"

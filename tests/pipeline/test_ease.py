@@ -17,7 +17,7 @@ import pytest
 from agent.config import ConfigError, Settings
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.window_models import FitJob
-from plugins.ease import EaseSource
+from plugins.ease import EaseSource, modelled_mask
 from plugins.ease.model import fit
 from plugins.ease.options import EaseOptions
 from tests.builders import offline_settings
@@ -99,8 +99,17 @@ def test_only_the_most_engaged_items_are_modelled() -> None:
     job = FitJob(1, users, slots, np.ones(len(users), dtype=np.float32), 9, len(users))
     version = fit(job, EaseOptions(max_items=3))
     assert version.modelled.tolist() == [2, 5, 7]
-    assert version.rankable.tolist() == [i in (2, 5, 7) for i in range(9)]
+    assert (version.column >= 0).tolist() == [i in (2, 5, 7) for i in range(9)]
     assert version.columns_of(np.array([0, 2, 7, 8, 40])).tolist() == [-1, 0, 2, -1, -1]
+
+
+def test_a_query_mask_is_read_at_the_modelled_slots_and_a_newer_slot_is_blocked() -> None:
+    modelled = np.array([1, 4, 6, 9])
+    # a mask made when the catalog had 7 slots: slot 9 came later, so no one may have it yet
+    allowed = np.array([True, True, False, True, True, False, True])
+    assert modelled_mask(modelled, allowed).tolist() == [True, True, True, False]
+    assert modelled_mask(modelled, np.ones(12, dtype=bool)).tolist() == [True] * 4
+    assert modelled_mask(modelled, np.ones(0, dtype=bool)).tolist() == [False] * 4
 
 
 async def test_an_item_it_does_not_model_scores_nan(tmp_path: Path) -> None:

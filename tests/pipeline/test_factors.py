@@ -92,6 +92,27 @@ async def test_background_fit_is_waited_for_by_settle(tmp_path: Path) -> None:
         assert source.recsys_health() is None
 
 
+async def test_a_due_background_fit_waits_for_the_minimum_interval(tmp_path: Path) -> None:
+    async with running(settings_for(tmp_path, training="background", min_interval_s=60.0)) as pipeline:
+        source = factors_of(pipeline)
+        now = [1_000.0]
+        source.clock = lambda: now[0]
+        await apply(pipeline, baskets(150))
+        await pipeline.settle()
+        assert source.served is not None and source.served.number == 1, "the first fit does not wait"
+        # 600 more events (baskets' ids repeat: the first 150 shoppers' are duplicates): a fit
+        # is due by the count (every 400), but one started a moment ago
+        await apply(pipeline, baskets(350, seed=4), first=10_000)
+        await pipeline.settle()
+        assert source.served.number == 1 and source.seen >= source.next_fit
+        now[0] += 61.0
+        await apply(pipeline, baskets(351, seed=5)[-3:], first=20_000)
+        await pipeline.settle()
+        assert source.served.number == 2, "the interval passed: the next event starts the due fit"
+        # it learned from every event that waited, starting at the first one after the interval
+        assert source.served.info["window_events"] > 1_050
+
+
 async def test_forget_takes_the_users_events_out_of_the_window(tmp_path: Path) -> None:
     async with running(settings_for(tmp_path)) as pipeline:
         source = factors_of(pipeline)
@@ -161,6 +182,7 @@ async def test_disabled_by_its_options(tmp_path: Path) -> None:
         ("alpha", -1.0),
         ("recency", 0.0),
         ("every_events", 0),
+        ("min_interval_s", -1.0),
         ("confidence", "rank"),
     ],
 )
