@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import numpy as np
 from prometheus_client import Counter, Gauge
 
+from agent.chained_tasks import settle_chain
 from agent.context import AgentContext
 from agent.hooks.manager import missing_extra
 from agent.hooks.specs import hookimpl
@@ -216,14 +217,8 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
 
     @hookimpl
     def recsys_settle(self) -> Any:
-        if self._fit is None or self._fit.done():
-            return None
-        return self._settled()
-
-    async def _settled(self) -> None:
-        # a fit may chain another (events that came due meanwhile): wait for the last
-        while self._fit is not None and not self._fit.done():
-            await asyncio.wait([self._fit])
+        # a fit may chain another (events that came due meanwhile): the last is waited for
+        return settle_chain(lambda: self._fit)
 
     @hookimpl
     def recsys_health(self) -> dict[str, object] | None:

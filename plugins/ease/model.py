@@ -22,8 +22,6 @@ import numpy as np
 from agent.pipeline.window_models import FitJob
 from plugins.ease.options import EaseOptions
 
-MIRROR_ROWS = 512
-
 
 @dataclass(frozen=True, slots=True)
 class Version:
@@ -78,7 +76,10 @@ def fit(job: FitJob, options: EaseOptions) -> Version:
         gram = (matrix.T @ matrix).toarray().astype(np.float32)
         penalty = options.regularization * float(np.diag(gram).mean())
         gram[np.diag_indices_from(gram)] += penalty
-        weights = _inverse_of_positive_definite(gram)
+        # numpy's inverse, not scipy's Cholesky (potrf and potri, a third of the arithmetic):
+        # scipy's LAPACK wrappers hold the GIL for the whole call, which froze the event loop
+        # for seconds at 4,000 items, where numpy's releases it (tests/bench/bench_fits.py)
+        weights = np.linalg.inv(gram)
     del gram
     weights /= -np.diag(weights)[None, :]
     weights[np.diag_indices_from(weights)] = 0.0
@@ -97,30 +98,6 @@ def fit(job: FitJob, options: EaseOptions) -> Version:
             "fit_cpu_s": round(time.thread_time() - cpu_started, 3),
         },
     )
-
-
-def _inverse_of_positive_definite(gram: np.ndarray) -> np.ndarray:
-    """The inverse of a symmetric positive definite matrix, by its Cholesky factor (LAPACK
-    potrf, potri): a third of the arithmetic of a general inverse (np.linalg.inv solves an LU
-    for every column), measured 1.3 s against 4.4 s at 4,000 items on one core. The
-    Gram matrix plus a positive penalty on its diagonal is positive definite."""
-    from scipy.linalg import lapack
-
-    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (gram,))
-    factor, info = potrf(gram, lower=False, clean=False, overwrite_a=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"the penalised Gram matrix is not positive definite (potrf info {info})")
-    upper, info = potri(factor, lower=False, overwrite_c=True)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"the penalised Gram matrix is singular (potri info {info})")
-    # potri fills the upper triangle only: mirrored below the diagonal a block of rows at a
-    # time (index arrays for the whole triangle would take twice the matrix's memory)
-    size = len(upper)
-    for start in range(0, size, MIRROR_ROWS):
-        stop = min(size, start + MIRROR_ROWS)
-        below = np.tri(stop - start, stop, k=start - 1, dtype=bool)  # column < row
-        np.copyto(upper[start:stop, :stop], upper[:stop, start:stop].T, where=below)
-    return upper
 
 
 def history_of(interactions: Any, version: Version, recency: float) -> tuple[np.ndarray, np.ndarray]:

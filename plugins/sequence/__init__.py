@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter, Gauge
 
+from agent.chained_tasks import settle_chain
 from agent.context import AgentContext
 from agent.hooks.manager import missing_extra
 from agent.hooks.specs import hookimpl
@@ -179,14 +180,8 @@ class SequenceSource:
 
     @hookimpl
     def recsys_settle(self) -> Any:
-        if self._round is None or self._round.done():
-            return None
-        return self._settled()
-
-    async def _settled(self) -> None:
-        # a round may chain another (events that came meanwhile): wait for the last
-        while self._round is not None and not self._round.done():
-            await asyncio.wait([self._round])
+        # a round may chain another (events that came meanwhile): the last is waited for
+        return settle_chain(lambda: self._round)
 
     @hookimpl
     def recsys_health(self) -> dict[str, object] | None:
