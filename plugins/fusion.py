@@ -19,6 +19,18 @@ differs between data sets and between new and long-standing users, so weights ar
 history-length segment, and redundant sources (two popularity horizons that agree) are learned
 away rather than double-counted.
 
+Which items to learn against also depends on the data. Two learners take a step on every
+feedback: "shown" against the list the user was shown (and passed over) plus a uniform sample
+of the other candidates, "sampled" against the uniform sample alone. Hard negatives from the
+shown list sharpen the order among strong candidates where an unchosen item on the list was
+a worse choice (ratings: MovieTweetings 0.1464 against 0.1396 with the sample alone), but
+where users come back for what they were shown (shop baskets) they push down the source that
+proposed it (Online Retail 0.0248 against 0.0270). So each segment serves the weights of the
+learner whose weights would have placed the chosen items higher: both are judged on every
+feedback by the NDCG gain of the chosen item's place among the candidates under their
+weights of the moment (a decayed sum over about the last 500 feedbacks of the segment), and
+a segment switches once the other learner leads by ``SWITCH_MARGIN`` on enough evidence.
+
 The hot path hands over batches (``recsys_fuse_batch``, ``recsys_apply_events``): a batch's
 lists are fused in one set of array operations, and each query's numbers are exactly, to the
 bit, those it gets alone: every statistic reduces one list's cells only, and sums add in an
@@ -62,6 +74,19 @@ SQUARES_KEY = "fusion.squares"
 # keeps a step finite while a weight's summed squared gradients are still zero
 EPSILON = 1e-8
 SAVE_EVERY_S = 10.0
+# The learners (see the module's docstring), by the Ranking field their negatives come from:
+# "shown", the list the user was shown and a uniform sample of the other candidates (the
+# first, whose snapshot keys are the ones saved before there were two); "sampled", the
+# uniform sample alone.
+LEARNERS = ("shown", "sampled")
+# each learner's quality in a segment is a decayed sum of the gains its weights would have
+# given the chosen items, over about the last 1 / QUALITY_DECAY feedbacks of the segment
+QUALITY_DECAY = 0.002
+# a segment serves the other learner once that has this much more quality, with at least
+# this much (decayed) evidence: a switch needs a clear and lasting lead, not a lucky run
+SWITCH_MARGIN = 0.02
+SWITCH_EVIDENCE = 200.0
+SELECTION_KEY = "fusion.selection"
 Z_MIN, Z_MAX = -3.0, 10.0
 TINY = float(np.finfo(np.float64).tiny)
 # A feature beside the sources: how many of them proposed the item. Its weight starts at zero
@@ -97,9 +122,28 @@ class Ranking:
     sources: list[str]
     union: np.ndarray  # sorted candidate slots
     features: np.ndarray  # float32, one row per feature (``sources``), one column per union slot
-    shown: np.ndarray  # positions in ``union`` of the top of the fused list
+    # positions in ``union`` of the "shown" learner's negatives: the top of the fused list and
+    # a uniform sample of the other candidates
+    shown: np.ndarray
+    # positions in ``union`` of the "sampled" learner's negatives: the uniform sample alone
+    sampled: np.ndarray
     # positions in ``union`` of the items chosen since the ranking, in order
     chosen: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Learner:
+    """One way of learning the weights: a weight table per segment, learned from pairs of the
+    chosen item against the negatives in one field of the ranking (``LEARNERS``)."""
+
+    negatives: str
+    # segment -> feature -> weight
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    # segment -> feature -> sum of its squared gradients so far (AdaGrad)
+    squares: dict[str, dict[str, float]] = field(default_factory=dict)
+    # segment -> decayed sum of the NDCG gains these weights would have given the chosen
+    # items among their candidates (every learner is scored on the same feedbacks)
+    quality: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +171,14 @@ class LearnedFusion:
     def __init__(self) -> None:
         self.learning_rate = LEARNING_RATE
         self.initial: dict[str, float] = {}
-        # segment -> source -> weight
+        self.learners = {name: Learner(name) for name in LEARNERS}
+        # segment -> the learner whose weights it serves
+        self.serving: dict[str, str] = {}
+        # segment -> source -> weight: each segment's table of the learner it serves (the same
+        # dict, so its steps show here at once)
         self.weights: dict[str, dict[str, float]] = {}
-        # segment -> feature -> sum of its squared gradients so far (AdaGrad)
-        self.squares: dict[str, dict[str, float]] = {}
+        # segment -> decayed count of feedbacks, the evidence behind the learners' quality
+        self.evidence: dict[str, float] = {}
         self.feedbacks = 0
         # user id -> their latest ranking, least recently ranked first; bounded
         self.pending: OrderedDict[str, Ranking] = OrderedDict()
@@ -154,8 +202,7 @@ class LearnedFusion:
         self._metrics = ctx.metrics
         snapshots = Snapshots(ctx.js, f"{ctx.settings.stream_name}_STATE") if ctx.js is not None else None
         if snapshots is not None:
-            self.weights.update(_tables(await snapshots.load(SNAPSHOT_KEY)))
-            self.squares.update(_tables(await snapshots.load(SQUARES_KEY)))
+            await self._load(snapshots)
         saver = asyncio.create_task(self._save_periodically(snapshots)) if snapshots is not None else None
         try:
             yield
@@ -178,18 +225,65 @@ class LearnedFusion:
                 except Exception as exc:
                     log.warning("could not save the fusion weights: %s", exc)
 
+    @property
+    def squares(self) -> dict[str, dict[str, float]]:
+        """segment -> feature -> summed squared gradients of the weights each segment serves."""
+        return {
+            segment: self.learners[name].squares[segment]
+            for segment, name in self.serving.items()
+            if segment in self.learners[name].squares
+        }
+
     async def _save(self, snapshots: Snapshots) -> None:
-        await snapshots.save(SNAPSHOT_KEY, self.weights)
-        await snapshots.save(SQUARES_KEY, self.squares)
+        for name, learner in self.learners.items():
+            weights_key, squares_key = _keys(name)
+            await snapshots.save(weights_key, learner.weights)
+            await snapshots.save(squares_key, learner.squares)
+        await snapshots.save(
+            SELECTION_KEY,
+            {
+                "serving": self.serving,
+                "evidence": self.evidence,
+                "quality": {name: learner.quality for name, learner in self.learners.items()},
+            },
+        )
+
+    async def _load(self, snapshots: Snapshots) -> None:
+        # a snapshot from before there were two learners holds the first one's keys alone: the
+        # other then learns from its initial weights
+        for name, learner in self.learners.items():
+            weights_key, squares_key = _keys(name)
+            learner.weights.update(_tables(await snapshots.load(weights_key)))
+            learner.squares.update(_tables(await snapshots.load(squares_key)))
+        selection = await snapshots.load(SELECTION_KEY)
+        if isinstance(selection, dict):
+            serving = selection.get("serving")
+            if isinstance(serving, dict):
+                self.serving.update({str(k): v for k, v in serving.items() if v in self.learners})
+            self.evidence.update(_tables({"": selection.get("evidence")}).get("", {}))
+            quality = _tables(selection.get("quality"))
+            for name, learner in self.learners.items():
+                learner.quality.update(quality.get(name, {}))
+        for segment in set().union(*(learner.weights for learner in self.learners.values())):
+            self._serve(segment, self.serving.get(segment, LEARNERS[0]))
+
+    def _serve(self, segment: str, name: str) -> None:
+        self.serving[segment] = name
+        self.weights[segment] = self.learners[name].weights.setdefault(segment, {})
 
     def _weight_list(self, segment: str, sources: list[str], plugins: list[str] | None = None) -> list[float]:
-        table = self.weights.setdefault(segment, {})
+        if segment not in self.weights:
+            self._serve(segment, self.serving.get(segment, LEARNERS[0]))
+        tables = [learner.weights.setdefault(segment, {}) for learner in self.learners.values()]
         for position, source in enumerate(sources):
-            if source not in table:
+            if any(source not in table for table in tables):
                 # Before any feedback each plugin gets one vote, shared among its sources, so
                 # a plugin with three popularity horizons does not outvote the others 3 to 1.
                 share = plugins.count(plugins[position]) if plugins and plugins[position] else 1
-                table[source] = self.initial.get(source, 0.0 if source == AGREEMENT else 1.0 / share)
+                initial = self.initial.get(source, 0.0 if source == AGREEMENT else 1.0 / share)
+                for table in tables:
+                    table.setdefault(source, initial)
+        table = self.weights[segment]
         return [table[s] for s in sources]
 
     def _weights(self, segment: str, sources: list[str], plugins: list[str] | None = None) -> np.ndarray:
@@ -487,6 +581,8 @@ class LearnedFusion:
         owner = np.arange(len(chosen))[:, None] * span
         keys = sorted_unique(np.concatenate([(head + owner)[in_head], (sample + owner).ravel()]))
         shown_bounds = np.searchsorted(keys, np.arange(len(chosen) + 1) * span).tolist()
+        sampled_keys = sorted_unique((sample + owner).ravel())
+        sampled_bounds = np.searchsorted(sampled_keys, np.arange(len(chosen) + 1) * span).tolist()
         starts = zip(
             chosen, sizes.tolist(), first_cells[chosen].tolist(), agreement_cells[chosen].tolist(), strict=True
         )
@@ -504,6 +600,7 @@ class LearnedFusion:
                 union_slots[bounds[q] : bounds[q + 1]].copy(),
                 rows.reshape(len(sources), size),
                 keys[shown_bounds[j] : shown_bounds[j + 1]] - j * span,
+                sampled_keys[sampled_bounds[j] : sampled_bounds[j + 1]] - j * span,
             )
             self._remember(kept[q][1].user.user_id, ranking)
 
@@ -553,57 +650,71 @@ class LearnedFusion:
             position = int(ranking.union.searchsorted(slot))
             if position < len(ranking.union) and ranking.union[position] == slot and position not in ranking.chosen:
                 chosen.append((ranking, position))
-        # (segment, sources) of each ranking that teaches something, with its pairs
-        steps = [
-            ((ranking.segment, tuple(ranking.sources)), differences)
-            for (ranking, _), differences in zip(chosen, self._differences(chosen), strict=True)
-            if differences is not None
-        ]
+        if not chosen:
+            return
+        # each learner's pairs, read before the choices join the rankings' earlier ones
+        pairs = {name: self._differences(chosen, learner.negatives) for name, learner in self.learners.items()}
         for ranking, position in chosen:
             ranking.chosen.append(position)
-        if not steps:
-            return
-        # For the call, each segment's weights in one array (written back to its table at the
-        # end) and each layout's places in it: a step reads and writes its weights with one
-        # gather and one scatter, not a dict access per source.
-        layouts = list(dict.fromkeys(layout for layout, _ in steps))
+        layouts = list(dict.fromkeys((ranking.segment, tuple(ranking.sources)) for ranking, _ in chosen))
         for segment, sources in layouts:
             # a source new to the segment starts at its initial weight
             self._weight_list(segment, list(sources))
-        arrays = {segment: np.array(list(self.weights[segment].values())) for segment, _ in layouts}
-        # each weight's summed squared gradients, in the order of its segment's weights
-        sums = {
-            segment: np.array([self.squares.get(segment, {}).get(s, 0.0) for s in self.weights[segment]])
-            for segment in arrays
-        }
-        index = {segment: {s: i for i, s in enumerate(self.weights[segment])} for segment in arrays}
-        places = {(segment, sources): np.array([index[segment][s] for s in sources]) for segment, sources in layouts}
+        steps = {name: _Steps(learner, layouts) for name, learner in self.learners.items()}
         rate = self.learning_rate
-        for (segment, sources), differences in steps:
-            values, squares, place = arrays[segment], sums[segment], places[segment, sources]
-            weights = values[place]
-            # Elementwise products and sums, not matrix products: the same numbers whichever
-            # batch the pairs came in (a BLAS kernel may add in another order on another
-            # block). The arrays are tiny: ufuncs called directly, without numpy's wrappers.
-            margins = np.add.reduce(differences * weights, axis=1)
-            # logistic pairwise loss: pairs already ordered well barely move the weights
-            pull = 1.0 / (1.0 + np.exp(np.minimum(np.maximum(margins, -30.0), 30.0)))
-            gradient = np.add.reduce(differences * pull[:, None], axis=0) / len(differences) - L2 * weights
-            summed = squares[place] + gradient * gradient
-            squares[place] = summed
-            values[place] = weights + rate * gradient / (np.sqrt(summed) + EPSILON)
-        for segment, values in arrays.items():
-            table = self.weights[segment]
-            features = list(table)
-            table.update(zip(features, values.tolist(), strict=True))
-            self.squares[segment] = dict(zip(features, sums[segment].tolist(), strict=True))
-        self.feedbacks += len(steps)
+        for i, (ranking, position) in enumerate(chosen):
+            layout = (ranking.segment, tuple(ranking.sources))
+            # each learner is judged by the place its weights, as they were before this
+            # feedback, gave the chosen item, and then learns from it
+            gains = {}
+            for name, learner_steps in steps.items():
+                gains[name] = self._gain_of(ranking, position, learner_steps.weights_of(layout))
+                differences = pairs[name][i]
+                if differences is not None:
+                    learner_steps.step(layout, differences, rate)
+            self._judge(ranking.segment, gains)
+            self.feedbacks += pairs[LEARNERS[0]][i] is not None
+        for learner_steps in steps.values():
+            learner_steps.write_back()
+
+    def _gain_of(self, ranking: Ranking, position: int, weights: np.ndarray) -> float:
+        """The NDCG gain of the chosen item's place among the ranking's candidates under
+        ``weights`` (ties in its favour). Elementwise, for the reason the steps are."""
+        scores = np.add.reduce(ranking.features * weights[:, None], axis=0)
+        rank = int(np.count_nonzero(scores > scores[position]))
+        return float(self._gains(rank + 1)[rank])
+
+    def _judge(self, segment: str, gains: dict[str, float]) -> None:
+        """Adds one feedback's gains to the learners' quality in the segment, and serves the
+        other learner's weights there once it leads clearly, on enough evidence."""
+        keep = 1.0 - QUALITY_DECAY
+        evidence = self.evidence[segment] = self.evidence.get(segment, 0.0) * keep + 1.0
+        for name, gain in gains.items():
+            quality = self.learners[name].quality
+            quality[segment] = quality.get(segment, 0.0) * keep + gain
+        if evidence < SWITCH_EVIDENCE:
+            return
+        served = self.serving.get(segment, LEARNERS[0])
+        ahead = self.learners[served].quality[segment] * (1.0 + SWITCH_MARGIN)
+        for name, learner in self.learners.items():
+            if name != served and learner.quality[segment] > ahead:
+                log.info(
+                    "fusion: segment %s serves the %s learner (quality %.1f against %.1f over about %d feedbacks)",
+                    segment,
+                    name,
+                    learner.quality[segment],
+                    self.learners[served].quality[segment],
+                    evidence,
+                )
+                self._serve(segment, name)
+                return
 
     @staticmethod
-    def _differences(chosen: list[tuple[Ranking, int]]) -> list[np.ndarray | None]:
+    def _differences(chosen: list[tuple[Ranking, int]], negatives: str = LEARNERS[0]) -> list[np.ndarray | None]:
         """For each (ranking, position of the chosen item): the chosen item's features minus
-        those of each negative (the shown and sampled items but itself), in double precision;
-        None where it has no negative. Gathered for all rankings of one width at once."""
+        those of each negative (the items in the ranking's field ``negatives`` but itself), in
+        double precision; None where it has no negative. Gathered for all rankings of one
+        width at once."""
         out: list[np.ndarray | None] = [None] * len(chosen)
         by_width: dict[int, list[int]] = {}
         for i, (ranking, _) in enumerate(chosen):
@@ -613,8 +724,9 @@ class LearnedFusion:
             features = np.concatenate([r.features for r in rankings], axis=1)
             starts = np.cumsum([0] + [len(r.union) for r in rankings[:-1]])
             positions = np.array([chosen[i][1] for i in group]) + starts
-            shown = np.concatenate([r.shown for r in rankings])
-            owner = np.arange(len(group)).repeat([len(r.shown) for r in rankings])
+            negative_sets = [getattr(r, negatives) for r in rankings]
+            shown = np.concatenate(negative_sets)
+            owner = np.arange(len(group)).repeat([len(n) for n in negative_sets])
             shown = shown + starts[owner]
             negative = shown != positions[owner]
             earlier = [p + start for r, start in zip(rankings, starts.tolist(), strict=True) for p in r.chosen]
@@ -666,3 +778,55 @@ def _tables(saved: object) -> dict[str, dict[str, float]]:
         for segment, table in saved.items()
         if isinstance(table, dict)
     }
+
+
+class _Steps:
+    """One learner's weights in the segments that a call teaches, held as arrays while its
+    steps run: a step reads and writes its weights with one gather and one scatter, not a dict
+    access per source; written back to the learner's tables at the end."""
+
+    def __init__(self, learner: Learner, layouts: list[tuple[str, tuple[str, ...]]]) -> None:
+        self.learner = learner
+        segments = list(dict.fromkeys(segment for segment, _ in layouts))
+        self.arrays = {segment: np.array(list(learner.weights[segment].values())) for segment in segments}
+        # each weight's summed squared gradients, in the order of its segment's weights
+        self.sums = {
+            segment: np.array([learner.squares.get(segment, {}).get(f, 0.0) for f in learner.weights[segment]])
+            for segment in segments
+        }
+        index = {segment: {f: i for i, f in enumerate(learner.weights[segment])} for segment in segments}
+        self.places = {
+            (segment, sources): np.array([index[segment][f] for f in sources]) for segment, sources in layouts
+        }
+
+    def weights_of(self, layout: tuple[str, tuple[str, ...]]) -> np.ndarray:
+        return self.arrays[layout[0]][self.places[layout]]
+
+    def step(self, layout: tuple[str, tuple[str, ...]], differences: np.ndarray, rate: float) -> None:
+        values, squares, place = self.arrays[layout[0]], self.sums[layout[0]], self.places[layout]
+        weights = values[place]
+        # Elementwise products and sums, not matrix products: the same numbers whichever
+        # batch the pairs came in (a BLAS kernel may add in another order on another
+        # block). The arrays are tiny: ufuncs called directly, without numpy's wrappers.
+        margins = np.add.reduce(differences * weights, axis=1)
+        # logistic pairwise loss: pairs already ordered well barely move the weights
+        pull = 1.0 / (1.0 + np.exp(np.minimum(np.maximum(margins, -30.0), 30.0)))
+        gradient = np.add.reduce(differences * pull[:, None], axis=0) / len(differences) - L2 * weights
+        summed = squares[place] + gradient * gradient
+        squares[place] = summed
+        values[place] = weights + rate * gradient / (np.sqrt(summed) + EPSILON)
+
+    def write_back(self) -> None:
+        for segment, values in self.arrays.items():
+            table = self.learner.weights[segment]
+            features = list(table)
+            table.update(zip(features, values.tolist(), strict=True))
+            self.learner.squares[segment] = dict(zip(features, self.sums[segment].tolist(), strict=True))
+
+
+def _keys(learner: str) -> tuple[str, str]:
+    """The snapshot keys of a learner's weights and squared-gradient sums; the first learner's
+    are those saved before there were two."""
+    if learner == LEARNERS[0]:
+        return SNAPSHOT_KEY, SQUARES_KEY
+    return f"fusion.{learner}.weights", f"fusion.{learner}.squares"

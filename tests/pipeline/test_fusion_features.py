@@ -1,4 +1,5 @@
-"""The fusion's per-weight (AdaGrad) steps and their snapshot."""
+"""The fusion's per-weight (AdaGrad) steps, its two learners and the choice between them, and
+their snapshot."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from agent.config import Settings
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.user_state import UserState, UserStore
 from agent.pipeline.values import Candidates, Query
-from plugins.fusion import SNAPSHOT_KEY, SQUARES_KEY, LearnedFusion
+from plugins.fusion import SNAPSHOT_KEY, SQUARES_KEY, SWITCH_EVIDENCE, LearnedFusion
 from tests.builders import Client
 
 
@@ -62,6 +63,63 @@ def test_every_weight_takes_its_own_step_size_from_its_gradients() -> None:
     assert set(squares) == set(plugin.weights["long"])
 
 
+def test_both_learners_learn_from_every_choice_each_against_its_own_negatives() -> None:
+    users = UserStore(50, 100)
+    plugin = LearnedFusion()
+    plugin._users = users
+    user = held_user(users, "u", 30)
+    plugin.recsys_fuse(
+        query(user),
+        [
+            # 60 candidates: 20 uniform draws leave most of them out of the sample
+            Candidates("right", np.arange(1, 61), np.arange(60, 0, -1, dtype=float), "x"),
+            Candidates("wrong", np.arange(60, 0, -1), np.arange(60, 0, -1, dtype=float), "y"),
+        ],
+    )
+    ranking = plugin.pending["u"]
+    assert set(ranking.sampled) <= set(ranking.shown), "the shown list and the sample, or the sample alone"
+    assert len(ranking.sampled) < len(ranking.shown) < 60
+    before = {name: dict(learner.weights["long"]) for name, learner in plugin.learners.items()}
+    plugin.recsys_apply_event(user, 2, 1.0)
+    for name, learner in plugin.learners.items():
+        assert learner.weights["long"]["right"] > before[name]["right"], name
+        assert learner.weights["long"]["wrong"] < before[name]["wrong"], name
+    assert plugin.weights["long"] is plugin.learners["shown"].weights["long"], "the first learner serves at first"
+
+
+def test_a_segment_serves_the_other_learner_once_it_leads_clearly_on_enough_evidence() -> None:
+    plugin = LearnedFusion()
+    plugin._weight_list("long", ["right", "wrong"])
+    plugin._weight_list("new", ["right", "wrong"])
+    # a lead within the margin changes nothing, however long it lasts
+    for _ in range(3 * int(SWITCH_EVIDENCE)):
+        plugin._judge("new", {"shown": 0.500, "sampled": 0.505})
+    assert plugin.serving["new"] == "shown"
+    # a clear lead switches the segment, not before the evidence is there
+    for feedback in range(3 * int(SWITCH_EVIDENCE)):
+        plugin._judge("long", {"shown": 0.30, "sampled": 0.40})
+        if feedback < SWITCH_EVIDENCE - 1:
+            assert plugin.serving["long"] == "shown"
+    assert plugin.serving["long"] == "sampled" and plugin.serving["new"] == "shown"
+    assert plugin.weights["long"] is plugin.learners["sampled"].weights["long"]
+    # and back, once the first learner leads clearly again
+    for _ in range(5 * int(SWITCH_EVIDENCE)):
+        plugin._judge("long", {"shown": 0.50, "sampled": 0.30})
+    assert plugin.serving["long"] == "shown"
+
+
+async def test_which_learner_each_segment_serves_survives_a_restart(settings: Settings, client: Client) -> None:
+    async with Agent(settings) as agent:
+        fusion = agent.pm.get_plugin("fusion")
+        fusion._weight_list("long", ["trending"])
+        fusion.learners["sampled"].weights["long"]["trending"] = 0.75
+        fusion._serve("long", "sampled")
+    async with Agent(settings) as agent:
+        fusion = agent.pm.get_plugin("fusion")
+        assert fusion.serving == {"long": "sampled"} and fusion.weights["long"] == {"trending": 0.75}
+        assert fusion.learners["shown"].weights["long"] == {"trending": 1.0}
+
+
 async def test_a_snapshot_from_before_the_adagrad_sums_or_with_unknown_features_still_starts(
     settings: Settings, client: Client
 ) -> None:
@@ -73,6 +131,7 @@ async def test_a_snapshot_from_before_the_adagrad_sums_or_with_unknown_features_
         fusion = agent.pm.get_plugin("fusion")
         assert fusion.weights["long"] == {"trending": 0.5, "gone@rank": 2.0}
         assert fusion.squares == {}
-        fusion.squares["long"] = {"trending": 3.0}
+        # the first learner's sums are the ones saved under the key of a single learner
+        fusion.learners["shown"].squares["long"] = {"trending": 3.0}
     async with Agent(settings) as agent:
         assert agent.pm.get_plugin("fusion").squares == {"long": {"trending": 3.0}}

@@ -533,7 +533,7 @@ async def test_restart_restores_taste_and_learned_sources(settings: Settings, cl
 async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settings, client: Client) -> None:
     async with Agent(settings) as agent:
         fusion = agent.pm.get_plugin("fusion")
-        fusion.weights["long"] = {"trending": 0.25, "content_recent": 1.5}
+        fusion.learners["shown"].weights["long"] = {"trending": 0.25, "content_recent": 1.5}
     async with Agent(settings) as agent:
         assert agent.pm.get_plugin("fusion").weights["long"] == {"trending": 0.25, "content_recent": 1.5}
         # a weight that went NaN was saved as null: learned again, not a failed start
