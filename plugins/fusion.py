@@ -29,7 +29,10 @@ proposed it (Online Retail 0.0248 against 0.0270). So each segment serves the we
 learner whose weights would have placed the chosen items higher: both are judged on every
 feedback by the NDCG gain of the chosen item's place among the candidates under their
 weights of the moment (a decayed sum over about the last 500 feedbacks of the segment), and
-a segment switches once the other learner leads by ``SWITCH_MARGIN`` on enough evidence.
+a segment switches once the other learner leads by ``SWITCH_MARGIN`` on enough evidence. The
+judgement leans towards the learner that serves (users choose from the lists its weights
+made), so a switch is conservative: it takes a lead the served learner's own advantage did not
+cancel.
 
 The hot path hands over batches (``recsys_fuse_batch``, ``recsys_apply_events``): a batch's
 lists are fused in one set of array operations, and each query's numbers are exactly, to the
@@ -127,6 +130,8 @@ class Ranking:
     shown: np.ndarray
     # positions in ``union`` of the "sampled" learner's negatives: the uniform sample alone
     sampled: np.ndarray
+    # positions in ``union`` of the list the user was shown, best first
+    listed: np.ndarray
     # positions in ``union`` of the items chosen since the ranking, in order
     chosen: list[int] = field(default_factory=list)
 
@@ -259,12 +264,16 @@ class LearnedFusion:
         if isinstance(selection, dict):
             serving = selection.get("serving")
             if isinstance(serving, dict):
-                self.serving.update({str(k): v for k, v in serving.items() if v in self.learners})
+                self.serving.update(
+                    {str(k): v for k, v in serving.items() if isinstance(v, str) and v in self.learners}
+                )
             self.evidence.update(_tables({"": selection.get("evidence")}).get("", {}))
             quality = _tables(selection.get("quality"))
             for name, learner in self.learners.items():
                 learner.quality.update(quality.get(name, {}))
-        for segment in set().union(*(learner.weights for learner in self.learners.values())):
+        # in the order the tables were saved, the first learner's first
+        segments = dict.fromkeys(segment for learner in self.learners.values() for segment in learner.weights)
+        for segment in segments:
             self._serve(segment, self.serving.get(segment, LEARNERS[0]))
 
     def _serve(self, segment: str, name: str) -> None:
@@ -601,6 +610,7 @@ class LearnedFusion:
                 rows.reshape(len(sources), size),
                 keys[shown_bounds[j] : shown_bounds[j + 1]] - j * span,
                 sampled_keys[sampled_bounds[j] : sampled_bounds[j + 1]] - j * span,
+                head[j, : shown_n[j]].copy(),
             )
             self._remember(kept[q][1].user.user_id, ranking)
 
@@ -758,7 +768,7 @@ class LearnedFusion:
                 "segment": ranking.segment,
                 "sources": list(ranking.sources),
                 "candidates": len(ranking.union),
-                "shown": [catalog.ids[int(ranking.union[position])] for position in ranking.shown],
+                "shown": [catalog.ids[int(ranking.union[position])] for position in ranking.listed],
             }
         }
 

@@ -160,6 +160,8 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
         # when the last background fit started, by ``clock`` (seconds)
         self.clock: Callable[[], float] = time.monotonic
         self._fit_started = -math.inf
+        # the timer of a fit that is due but waits for min_interval_s
+        self._due: asyncio.TimerHandle | None = None
         self.fits: list[dict[str, Any]] = []
         self.failure: str | None = None
         self._number = 0
@@ -206,6 +208,9 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
             yield
         finally:
             self.enabled = False
+            if self._due is not None:
+                self._due.cancel()
+                self._due = None
             # a fit in flight cannot be stopped (native code): its thread is a daemon, what it
             # returns is dropped, and it is given a bounded while to finish, since native code
             # aborts when the interpreter exits under it
@@ -239,13 +244,26 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
             [users[i].user_id for i in positive], [slots[i] for i in positive], [signals[i] for i in positive]
         )
         self.seen += len(positive)
-        if self.seen >= self.next_fit and self._interval_passed():
+        if self.seen < self.next_fit:
+            return
+        wait = self._wait_s()
+        if wait <= 0:
             self._start_fit(catalog)
+        elif self._due is None:
+            # started when the interval has passed even if no event comes then: a burst
+            # followed by silence is still learned from
+            self._due = asyncio.get_running_loop().call_later(wait, self._start_due_fit, catalog)
 
-    def _interval_passed(self) -> bool:
+    def _wait_s(self) -> float:
+        """Seconds until a due fit may start (0 or less: now)."""
         if self.options.training == "inline":
-            return True
-        return self.clock() - self._fit_started >= self.options.min_interval_s
+            return 0.0
+        return self.options.min_interval_s - (self.clock() - self._fit_started)
+
+    def _start_due_fit(self, catalog: Catalog) -> None:
+        self._due = None
+        if self.enabled and self.seen >= self.next_fit:
+            self._start_fit(catalog)
 
     @hookimpl
     def recsys_forget_user(self, user_id: str) -> None:
@@ -274,6 +292,9 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
             self._start_fit(catalog)
 
     def _start_fit(self, catalog: Catalog) -> None:
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
         options = self.options
         # the interval doubles up to every_events: fits at 1,000, 2,000, 4,000, ... events
         self.next_fit = self.seen + min(options.every_events, max(options.first_events, self.seen))
@@ -287,6 +308,8 @@ class WindowModelSource(ABC, Generic[OptionsT, VersionT]):
             return
         job = self._job(catalog)
         if job is not None:
+            # at once, not when the task first runs: an apply before then must see it
+            self._fit_started = self.clock()
             self._fit = asyncio.get_running_loop().create_task(
                 self._run_fits(job, catalog, self._forgets), name=f"{self.plugin_name}-fit"
             )

@@ -113,6 +113,25 @@ async def test_a_due_background_fit_waits_for_the_minimum_interval(tmp_path: Pat
         assert source.served.info["window_events"] > 1_050
 
 
+async def test_a_fit_held_back_by_the_interval_starts_when_it_passes_without_another_event(
+    tmp_path: Path,
+) -> None:
+    async with running(settings_for(tmp_path, training="background", min_interval_s=0.5)) as pipeline:
+        source = factors_of(pipeline)
+        await apply(pipeline, baskets(150))
+        await pipeline.settle()
+        assert source.served is not None and source.served.number == 1
+        # due by the count; then the stream goes quiet
+        await apply(pipeline, baskets(350, seed=4), first=10_000)
+        for _ in range(200):
+            await pipeline.settle()
+            if source.served.number == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert source.served.number == 2, "the waiting fit started on its own once the interval passed"
+        assert source.served.info["window_events"] == len(source.window) == 1_050
+
+
 async def test_forget_takes_the_users_events_out_of_the_window(tmp_path: Path) -> None:
     async with running(settings_for(tmp_path)) as pipeline:
         source = factors_of(pipeline)

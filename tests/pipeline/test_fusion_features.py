@@ -14,7 +14,7 @@ from agent.config import Settings
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.user_state import UserState, UserStore
 from agent.pipeline.values import Candidates, Query
-from plugins.fusion import SNAPSHOT_KEY, SQUARES_KEY, SWITCH_EVIDENCE, LearnedFusion
+from plugins.fusion import SELECTION_KEY, SNAPSHOT_KEY, SQUARES_KEY, SWITCH_EVIDENCE, LearnedFusion
 from tests.builders import Client
 
 
@@ -79,6 +79,8 @@ def test_both_learners_learn_from_every_choice_each_against_its_own_negatives() 
     ranking = plugin.pending["u"]
     assert set(ranking.sampled) <= set(ranking.shown), "the shown list and the sample, or the sample alone"
     assert len(ranking.sampled) < len(ranking.shown) < 60
+    # what the user was shown, best first: the fused list's top k (3), all among the negatives
+    assert len(ranking.listed) == 3 and set(ranking.listed) <= set(ranking.shown)
     before = {name: dict(learner.weights["long"]) for name, learner in plugin.learners.items()}
     plugin.recsys_apply_event(user, 2, 1.0)
     for name, learner in plugin.learners.items():
@@ -127,10 +129,12 @@ async def test_a_snapshot_from_before_the_adagrad_sums_or_with_unknown_features_
     # weights saved by a fusion without squared-gradient sums, one feature it never knew
     await kv.put(SNAPSHOT_KEY, json.dumps({"long": {"trending": 0.5, "gone@rank": 2.0}}).encode())
     await kv.put(SQUARES_KEY, b"[not a table]")
+    # and a selection of the wrong shapes: dropped, the start goes on
+    await kv.put(SELECTION_KEY, json.dumps({"serving": {"long": [1], "new": "nobody"}, "evidence": "x"}).encode())
     async with Agent(settings) as agent:
         fusion = agent.pm.get_plugin("fusion")
         assert fusion.weights["long"] == {"trending": 0.5, "gone@rank": 2.0}
-        assert fusion.squares == {}
+        assert fusion.squares == {} and fusion.serving == {"long": "shown"} and fusion.evidence == {}
         # the first learner's sums are the ones saved under the key of a single learner
         fusion.learners["shown"].squares["long"] = {"trending": 3.0}
     async with Agent(settings) as agent:
