@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import orjson
@@ -22,6 +22,8 @@ from agent.hooks.manager import get_plugin_manager
 from agent.pipeline.pipeline import Pipeline
 from agent.wire.contract import Event, Item
 from agent.wire.user_tokens import user_token
+
+PluginT = TypeVar("PluginT")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -171,3 +173,19 @@ class Client:
         async with asyncio.timeout(timeout):
             while not predicate():
                 await asyncio.sleep(0.01)
+
+
+def plugin_of(pipeline: Pipeline, name: str, kind: type[PluginT]) -> PluginT:
+    """The pipeline's registered plugin ``name``, checked to be a ``kind``."""
+    plugin = pipeline.pm.get_plugin(name)
+    assert isinstance(plugin, kind)
+    return plugin
+
+
+def proposed_by(pipeline: Pipeline, name: str, user_id: str, k: int = 10) -> list[str]:
+    """The item ids that candidate source ``name`` (a batch source answering one list)
+    proposes to the user for a list of ``k``, best first."""
+    answers = pipeline.pm.get_plugin(name).recsys_candidates_batch([pipeline.make_query(user_id, k)])
+    assert answers is not None and answers[0] is not None
+    assert answers[0].source == name
+    return [pipeline.catalog.ids[slot] for slot in answers[0].slots.tolist()]

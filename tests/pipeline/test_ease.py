@@ -20,7 +20,7 @@ from agent.pipeline.window_models import FitJob
 from plugins.ease import EaseSource, modelled_mask
 from plugins.ease.model import fit
 from plugins.ease.options import EaseOptions
-from tests.builders import offline_settings
+from tests.builders import offline_settings, plugin_of, proposed_by
 from tests.pipeline.shelves import OTHERS, apply, baskets, enter, purchases, running
 
 SMALL = {"first_events": 400, "every_events": 400, "training": "inline"}
@@ -31,16 +31,11 @@ def settings_for(data_dir: Path, **options: Any) -> Settings:
 
 
 def ease_of(pipeline: Pipeline) -> EaseSource:
-    plugin = pipeline.pm.get_plugin("ease")
-    assert isinstance(plugin, EaseSource)
-    return plugin
+    return plugin_of(pipeline, "ease", EaseSource)
 
 
 def proposed(pipeline: Pipeline, user_id: str, k: int = 10) -> list[str]:
-    answers = ease_of(pipeline).recsys_candidates_batch([pipeline.make_query(user_id, k)])
-    assert answers is not None and answers[0] is not None
-    assert answers[0].source == "ease"
-    return [pipeline.catalog.ids[slot] for slot in answers[0].slots.tolist()]
+    return proposed_by(pipeline, "ease", user_id, k)
 
 
 async def test_on_by_default_proposes_the_rest_of_the_shelf_and_swaps_versions(tmp_path: Path) -> None:

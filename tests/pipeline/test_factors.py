@@ -20,7 +20,7 @@ from agent.pipeline.pipeline import Pipeline
 from plugins.factors import FactorsSource
 from plugins.factors.model import FitJob, fit, fold_in
 from plugins.factors.options import FactorsOptions
-from tests.builders import offline_settings
+from tests.builders import offline_settings, plugin_of, proposed_by
 from tests.pipeline.shelves import OTHERS, apply, baskets, enter, purchases, running
 
 # small and quick: the structure needs no more
@@ -32,16 +32,11 @@ def settings_for(data_dir: Path, **options: Any) -> Settings:
 
 
 def factors_of(pipeline: Pipeline) -> FactorsSource:
-    plugin = pipeline.pm.get_plugin("factors")
-    assert isinstance(plugin, FactorsSource)
-    return plugin
+    return plugin_of(pipeline, "factors", FactorsSource)
 
 
 def proposed(pipeline: Pipeline, user_id: str, k: int = 10) -> list[str]:
-    answers = factors_of(pipeline).recsys_candidates_batch([pipeline.make_query(user_id, k)])
-    assert answers is not None and answers[0] is not None
-    assert answers[0].source == "factors"
-    return [pipeline.catalog.ids[slot] for slot in answers[0].slots.tolist()]
+    return proposed_by(pipeline, "factors", user_id, k)
 
 
 async def test_proposes_the_rest_of_the_shelf_and_swaps_versions(tmp_path: Path) -> None:
