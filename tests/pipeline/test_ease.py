@@ -17,11 +17,12 @@ import pytest
 from agent.config import ConfigError, Settings
 from agent.pipeline.pipeline import Pipeline
 from agent.pipeline.window_models import FitJob
+from agent.wire.contract import Event
 from plugins.ease import EaseSource, modelled_mask
 from plugins.ease.model import fit
 from plugins.ease.options import EaseOptions
 from tests.builders import offline_settings, plugin_of, proposed_by
-from tests.pipeline.shelves import OTHERS, apply, baskets, enter, purchases, running
+from tests.pipeline.shelves import OTHERS, T0, apply, baskets, enter, purchases, running
 
 SMALL = {"first_events": 400, "every_events": 400, "training": "inline"}
 
@@ -130,6 +131,23 @@ async def test_forget_takes_the_users_events_out_of_the_window(tmp_path: Path) -
         assert len(source.window) == held - 3 and source.recsys_export_user("u5", pipeline.catalog) is None
         source.start_fit(pipeline.catalog)
         assert source.served is not None and source.served.info["users"] == 199
+
+
+async def test_an_early_purchase_still_counts_after_a_long_run_of_other_events(tmp_path: Path) -> None:
+    """Ease scores a user from the whole history the core keeps (``history_length``, 200 by
+    default): a customer's earlier order still says what goes with it after 150 skips of
+    other shelves' items, which a 50-event history would have dropped."""
+    assert Settings().history_length == 200
+    async with running(settings_for(tmp_path)) as pipeline:
+        await apply(pipeline, baskets())
+        await apply(pipeline, purchases("loyal", (10, 11)), first=10_000)
+        skips = [
+            Event(type="skip", user_id="loyal", item_id=f"p{25 + n % 15}", ts=T0 + 9e4 + 1 + n, id=f"skip{n}")
+            for n in range(150)
+        ]
+        await apply(pipeline, skips, first=20_000)
+        assert len(pipeline.users.get("loyal").recent) == 152
+        assert set(proposed(pipeline, "loyal")[:3]) == {"p12", "p13", "p14"}
 
 
 async def test_without_scipy_it_is_disabled_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
