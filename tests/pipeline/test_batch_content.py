@@ -215,3 +215,22 @@ def test_rerankers_answer_a_batch_as_each_query_alone(tmp_path: Path) -> None:
         # diversity reorders every list long enough (by vectors, and by categories for the
         # pools with an item that has no vector); ExcludeSeen drops the excluded items
         assert changed == ([0, 1, 3, 4, 5, 6, 8] if reranker is diversity else [0, 1, 2, 3, 4, 5, 6, 7, 8])
+
+
+def test_taste_reads_the_newest_taste_items_of_a_long_history() -> None:
+    """A 200-event history gives the taste of its newest 50: older items would carry under
+    0.5 % of the long vector's weight, so they are not read at all."""
+    from plugins.content.taste import taste_of
+
+    rng = np.random.default_rng(5)
+    vectors = ItemVectors(16)
+    vectors.set(list(range(40)), rng.normal(size=(40, 16)).astype(np.float32), [str(i) for i in range(40)])
+    history = [
+        Interaction(slot=int(s), type="view", ts=float(n), signal=1.0) for n, s in enumerate(rng.integers(0, 40, 200))
+    ]
+    whole = taste_of(UserState(user_id="u", recent=deque(history, maxlen=200)), vectors)
+    newest = taste_of(UserState(user_id="u", recent=deque(history[-50:], maxlen=200)), vectors)
+    assert whole is not None and newest is not None
+    assert np.array_equal(whole.long, newest.long) and np.array_equal(whole.short, newest.short)
+    older = taste_of(UserState(user_id="u", recent=deque(history[:-1], maxlen=200)), vectors)
+    assert older is not None and not np.array_equal(whole.long, older.long)
