@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from agent.app import freeze_survivors_of_full_passes
 from agent.cli.main import limit_blas_threads
 from agent.config import Settings, load_settings
@@ -142,6 +144,34 @@ def report(result: Measured) -> str:
     return "\n".join(lines)
 
 
+def split_costs(results: list[Measured]) -> str:
+    """Each ranking stage's cost per list at batch b read as ``fixed / b + per_list``, fitted by
+    least squares over the batch sizes measured: what batching can share (a call's numpy
+    calls, a batch's set-up) against what every list costs whatever the batch (its data)."""
+    sizes = [r.batch for r in results]
+    if len(set(sizes)) < 2:
+        return ""
+    inverse = np.array([1.0 / size for size in sizes])
+    design = np.stack([inverse, np.ones_like(inverse)], axis=1)
+
+    def fit(per_list_us: list[float]) -> tuple[float, float]:
+        (fixed, marginal), *_ = np.linalg.lstsq(design, np.array(per_list_us), rcond=None)
+        return float(fixed), float(marginal)
+
+    stages = sorted(
+        {key for r in results for key in r.stages if not key[0].startswith("recsys_apply")},
+        key=lambda key: -results[-1].stages.get(key, (0, 0.0))[1],
+    )
+    lines = ["  ranking CPU per list at batch b = fixed per batch / b + per list (microseconds, fitted):"]
+    fixed, marginal = fit([1e6 * r.rank_cpu_s / max(r.lists, 1) for r in results])
+    lines.append(f"  {fixed:9.1f} + {marginal:7.1f}  every ranking stage and the pipeline's own work")
+    for hook, plugin in stages:
+        fixed, marginal = fit([1e6 * r.stages.get((hook, plugin), (0, 0.0))[1] / max(r.lists, 1) for r in results])
+        if fixed + marginal >= 1.0:
+            lines.append(f"  {fixed:9.1f} + {marginal:7.1f}  {hook:26s} {plugin}")
+    return "\n".join(lines)
+
+
 async def main(args: argparse.Namespace) -> None:
     sizes = [int(size) for size in args.batch.split(",")]
     if not sizes or min(sizes) < 1:
@@ -173,6 +203,7 @@ async def main(args: argparse.Namespace) -> None:
             + ", ".join(f"batch {r.batch} {1000 * cpu:.3f} ms" for r, cpu in zip(results, per_list))
             + f" (batch {results[-1].batch}: {per_list[-1] / max(per_list[0], 1e-12):.2f}x batch {results[0].batch}'s)"
         )
+        print(split_costs(results))
     print(describe())
 
 
