@@ -159,7 +159,8 @@ def test_content_answers_a_batch_as_each_query_alone(n_items: int, mode: str) ->
 def test_top_per_row_takes_the_highest_and_the_lower_column_of_a_tie() -> None:
     rng = np.random.default_rng(2)
     for trial in range(300):
-        rows, width, m = int(rng.integers(1, 5)), int(rng.integers(1, 4_000)), int(rng.integers(1, 80))
+        # widths on both sides of the sampled selection's thresholds (per row and per batch)
+        rows, width, m = int(rng.integers(1, 5)), int(rng.integers(1, 16_000)), int(rng.integers(1, 80))
         scores = rng.integers(0, int(rng.integers(2, 60)), size=(rows, width)).astype(np.float32)
         scores[rng.random((rows, width)) < rng.random()] = -np.inf
         expected = [np.sort(np.lexsort((np.arange(width), -row))[: min(m, width)]).tolist() for row in scores]
