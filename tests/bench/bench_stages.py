@@ -144,14 +144,20 @@ def report(result: Measured) -> str:
     return "\n".join(lines)
 
 
+# the hooks a list is ranked by (apply hooks are per event, validation per message)
+RANKING_HOOKS = ("recsys_candidates", "recsys_fuse", "recsys_rerank", "recsys_profile")
+
+
 def split_costs(results: list[Measured]) -> str:
-    """Each ranking stage's cost per list at batch b read as ``fixed / b + per_list``, fitted by
-    least squares over the batch sizes measured: what batching can share (a call's numpy
-    calls, a batch's set-up) against what every list costs whatever the batch (its data)."""
-    sizes = [r.batch for r in results]
-    if len(set(sizes)) < 2:
+    """Each ranking stage's wall time per list at mean batch size b read as ``fixed / b +
+    per_list``, fitted by least squares over the batch sizes measured: what batching can share
+    (a call's numpy calls, a batch's set-up) against what grows with the lists. A rough reading:
+    the per-list part itself falls with the batch (bigger array calls), so with three sizes or
+    more the fit is an average over them."""
+    if len({r.batch for r in results}) < 2:
         return ""
-    inverse = np.array([1.0 / size for size in sizes])
+    # the mean size of the batches run (the last batch of a size may be short)
+    inverse = np.array([r.batches / max(r.lists, 1) for r in results])
     design = np.stack([inverse, np.ones_like(inverse)], axis=1)
 
     def fit(per_list_us: list[float]) -> tuple[float, float]:
@@ -159,11 +165,11 @@ def split_costs(results: list[Measured]) -> str:
         return float(fixed), float(marginal)
 
     stages = sorted(
-        {key for r in results for key in r.stages if not key[0].startswith("recsys_apply")},
+        {key for r in results for key in r.stages if key[0].startswith(RANKING_HOOKS)},
         key=lambda key: -results[-1].stages.get(key, (0, 0.0))[1],
     )
-    lines = ["  ranking CPU per list at batch b = fixed per batch / b + per list (microseconds, fitted):"]
-    fixed, marginal = fit([1e6 * r.rank_cpu_s / max(r.lists, 1) for r in results])
+    lines = ["  ranking wall time per list at batch b = fixed per batch / b + per list (microseconds, fitted):"]
+    fixed, marginal = fit([1e6 * r.rank_wall_s / max(r.lists, 1) for r in results])
     lines.append(f"  {fixed:9.1f} + {marginal:7.1f}  every ranking stage and the pipeline's own work")
     for hook, plugin in stages:
         fixed, marginal = fit([1e6 * r.stages.get((hook, plugin), (0, 0.0))[1] / max(r.lists, 1) for r in results])
@@ -203,7 +209,8 @@ async def main(args: argparse.Namespace) -> None:
             + ", ".join(f"batch {r.batch} {1000 * cpu:.3f} ms" for r, cpu in zip(results, per_list))
             + f" (batch {results[-1].batch}: {per_list[-1] / max(per_list[0], 1e-12):.2f}x batch {results[0].batch}'s)"
         )
-        print(split_costs(results))
+        if split := split_costs(results):
+            print(split)
     print(describe())
 
 
