@@ -14,7 +14,7 @@ from agent.config import Settings
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.user_state import UserState, UserStore
 from agent.pipeline.values import Candidates, Query
-from plugins.fusion import SELECTION_KEY, SNAPSHOT_KEY, SQUARES_KEY, SWITCH_EVIDENCE, LearnedFusion
+from plugins.fusion import SELECTION_KEY, SLOW_SHARE, SNAPSHOT_KEY, SQUARES_KEY, SWITCH_EVIDENCE, LearnedFusion
 from tests.builders import Client
 
 
@@ -83,10 +83,20 @@ def test_both_learners_learn_from_every_choice_each_against_its_own_negatives() 
     assert len(ranking.listed) == 3 and set(ranking.listed) <= set(ranking.shown)
     before = {name: dict(learner.weights["long"]) for name, learner in plugin.learners.items()}
     plugin.recsys_apply_event(user, 2, 1.0)
+    moved = {}
     for name, learner in plugin.learners.items():
         assert learner.weights["long"]["right"] > before[name]["right"], name
         assert learner.weights["long"]["wrong"] < before[name]["wrong"], name
+        moved[name] = learner.weights["long"]["right"] - before[name]["right"]
+    # a slow learner takes its share of the step its full-rate twin takes
+    for name in ("shown", "sampled"):
+        assert moved[f"{name}_slow"] == pytest.approx(SLOW_SHARE * moved[name]), name
     assert plugin.weights["long"] is plugin.learners["shown"].weights["long"], "the first learner serves at first"
+
+
+def _gains(shown: float, sampled: float, slow: float = 0.0) -> dict[str, float]:
+    """One feedback's gains for every learner: the two at the full rate, the slow ones at ``slow``."""
+    return {"shown": shown, "sampled": sampled, "shown_slow": slow, "sampled_slow": slow}
 
 
 def test_a_segment_serves_the_other_learner_once_it_leads_clearly_on_enough_evidence() -> None:
@@ -95,19 +105,24 @@ def test_a_segment_serves_the_other_learner_once_it_leads_clearly_on_enough_evid
     plugin._weight_list("new", ["right", "wrong"])
     # a lead within the margin changes nothing, however long it lasts
     for _ in range(3 * int(SWITCH_EVIDENCE)):
-        plugin._judge("new", {"shown": 0.500, "sampled": 0.505})
+        plugin._judge("new", _gains(0.500, 0.501))
     assert plugin.serving["new"] == "shown"
     # a clear lead switches the segment, not before the evidence is there
     for feedback in range(3 * int(SWITCH_EVIDENCE)):
-        plugin._judge("long", {"shown": 0.30, "sampled": 0.40})
+        plugin._judge("long", _gains(0.30, 0.40))
         if feedback < SWITCH_EVIDENCE - 1:
             assert plugin.serving["long"] == "shown"
     assert plugin.serving["long"] == "sampled" and plugin.serving["new"] == "shown"
     assert plugin.weights["long"] is plugin.learners["sampled"].weights["long"]
     # and back, once the first learner leads clearly again
     for _ in range(5 * int(SWITCH_EVIDENCE)):
-        plugin._judge("long", {"shown": 0.50, "sampled": 0.30})
+        plugin._judge("long", _gains(0.50, 0.30))
     assert plugin.serving["long"] == "shown"
+    # a slow learner serves like any other once it leads (from nothing: it takes longer)
+    for _ in range(10 * int(SWITCH_EVIDENCE)):
+        plugin._judge("long", _gains(0.40, 0.30, slow=0.45))
+    assert plugin.serving["long"] == "shown_slow"
+    assert plugin.weights["long"] is plugin.learners["shown_slow"].weights["long"]
 
 
 async def test_which_learner_each_segment_serves_survives_a_restart(settings: Settings, client: Client) -> None:
