@@ -19,9 +19,9 @@ differs between data sets and between new and long-standing users, so weights ar
 history-length segment, and redundant sources (two popularity horizons that agree) are learned
 away rather than double-counted.
 
-Which items to learn against also depends on the data. Two learners take a step on every
-feedback (each at two rates, below): "shown" against the list the user was shown (and passed over) plus a uniform sample
-of the other candidates, "sampled" against the uniform sample alone. Hard negatives from the
+Which items to learn against also depends on the data. Two learners (each at two rates, see
+below) take a step on every feedback: "shown" against the list the user was shown (and passed
+over) plus a uniform sample of the other candidates, "sampled" against the uniform sample alone. Hard negatives from the
 shown list sharpen the order among strong candidates where an unchosen item on the list was
 a worse choice (ratings: MovieTweetings 0.1464 against 0.1396 with the sample alone), but
 where users come back for what they were shown (shop baskets) they push down the source that
@@ -85,11 +85,8 @@ SAVE_EVERY_S = 10.0
 # "shown", the list the user was shown and a uniform sample of the other candidates (the
 # first, whose snapshot keys are the ones saved before there were two); "sampled", the
 # uniform sample alone.
-# Each of the two comes at two rates, the full learning rate and SLOW_SHARE of it: how fast the
-# weights should follow the feedback differs between data sets as well (shop baskets: the slow
-# ones place chosen items higher on smaller streams; ratings: the full rate), so the judge
-# below picks among all four per segment. (name, the Ranking field of its negatives, its share
-# of the learning rate)
+# Each also learns at SLOW_SHARE of the rate (see the module's docstring): (name, the Ranking
+# field of its negatives, its share of the learning rate).
 SLOW_SHARE = 0.4
 LEARNERS = (
     ("shown", "shown", 1.0),
@@ -98,6 +95,8 @@ LEARNERS = (
     ("sampled_slow", "sampled", SLOW_SHARE),
 )
 FIRST_LEARNER = LEARNERS[0][0]
+# the fields the learners take negatives from, each gathered once per call for its learners
+NEGATIVE_FIELDS = tuple(dict.fromkeys(negatives for _, negatives, _ in LEARNERS))
 # each learner's quality in a segment is a decayed sum of the gains its weights would have
 # given the chosen items, over about the last 1 / QUALITY_DECAY feedbacks of the segment
 QUALITY_DECAY = 0.002
@@ -682,9 +681,7 @@ class LearnedFusion:
         if not chosen:
             return
         # each learner's pairs, read before the choices join the rankings' earlier ones
-        # (learners of one field of negatives share its pairs)
-        fields = dict.fromkeys(learner.negatives for learner in self.learners.values())
-        by_field = {negatives: self._differences(chosen, negatives) for negatives in fields}
+        by_field = {negatives: self._differences(chosen, negatives) for negatives in NEGATIVE_FIELDS}
         pairs = {name: by_field[learner.negatives] for name, learner in self.learners.items()}
         for ranking, position in chosen:
             ranking.chosen.append(position)
@@ -742,7 +739,7 @@ class LearnedFusion:
                 return
 
     @staticmethod
-    def _differences(chosen: list[tuple[Ranking, int]], negatives: str = "shown") -> list[np.ndarray | None]:
+    def _differences(chosen: list[tuple[Ranking, int]], negatives: str = LEARNERS[0][1]) -> list[np.ndarray | None]:
         """For each (ranking, position of the chosen item): the chosen item's features minus
         those of each negative (the items in the ranking's field ``negatives`` but itself), in
         double precision; None where it has no negative. Gathered for all rankings of one

@@ -14,7 +14,15 @@ from agent.config import Settings
 from agent.pipeline.catalog import Catalog
 from agent.pipeline.user_state import UserState, UserStore
 from agent.pipeline.values import Candidates, Query
-from plugins.fusion import SELECTION_KEY, SLOW_SHARE, SNAPSHOT_KEY, SQUARES_KEY, SWITCH_EVIDENCE, LearnedFusion
+from plugins.fusion import (
+    SELECTION_KEY,
+    SLOW_SHARE,
+    SNAPSHOT_KEY,
+    SQUARES_KEY,
+    SWITCH_EVIDENCE,
+    SWITCH_MARGIN,
+    LearnedFusion,
+)
 from tests.builders import Client
 
 
@@ -105,7 +113,7 @@ def test_a_segment_serves_the_other_learner_once_it_leads_clearly_on_enough_evid
     plugin._weight_list("new", ["right", "wrong"])
     # a lead within the margin changes nothing, however long it lasts
     for _ in range(3 * int(SWITCH_EVIDENCE)):
-        plugin._judge("new", _gains(0.500, 0.501))
+        plugin._judge("new", _gains(0.500, 0.500 * (1.0 + SWITCH_MARGIN / 2)))
     assert plugin.serving["new"] == "shown"
     # a clear lead switches the segment, not before the evidence is there
     for feedback in range(3 * int(SWITCH_EVIDENCE)):
