@@ -38,7 +38,7 @@ from agent.vectors.retried_writes import RetriedWrites
 from agent.wire.contract import Item
 from plugins.content.indexing import CatalogIndex
 from plugins.content.profile import PROFILE_REASON, PROFILE_VECTOR, ProfileVector, profile_query
-from plugins.content.search import SEARCH_MODES, Asked, search_memory, search_qdrant
+from plugins.content.search import AUTO_NEIGHBOURS_MAX_ITEMS, SEARCH_MODES, Asked, search_memory, search_qdrant
 from plugins.content.taste import Taste, taste_of, taste_queries, taste_reasons
 
 __all__ = ["PROFILE_VECTOR", "SEARCH_MODES", "ContentRetrieval", "ProfileVector", "Taste"]
@@ -55,7 +55,7 @@ WRITE_HOOKS = {"upsert": "recsys_catalog_upsert", "delete": "recsys_catalog_dele
 @dataclass(frozen=True, slots=True)
 class ContentOptions:
     sources: list[str] | None = None  # None: every content source
-    search: str = "scan"
+    search: str = "auto"
     neighbours: int = NEIGHBOURS
 
     def problems(self) -> list[tuple[str, str]]:
@@ -71,13 +71,13 @@ class ContentOptions:
 
 class ContentRetrieval:
     """Options (``[plugins.content]``): ``sources`` (which of ``content_recent``,
-    ``content_long``, ``profile`` to propose; default all); ``search`` (``scan``, the default,
-    or ``neighbours``: see SEARCH_MODES and the README's benchmark figures); ``neighbours``
+    ``content_long``, ``profile`` to propose; default all); ``search`` (``auto``, the default,
+    ``scan`` or ``neighbours``: see SEARCH_MODES and the README's benchmark figures); ``neighbours``
     (how many nearest items the ``neighbours`` mode keeps per item, default 32)."""
 
     def __init__(self) -> None:
         self.index = CatalogIndex()
-        self.search_mode = "scan"
+        self.search_mode = "auto"
         self.cache_max_items = 500_000
         self.enabled_sources = {"content_recent", "content_long", "profile"}
         # profile embeddings in flight (see profile.py)
@@ -106,8 +106,9 @@ class ContentRetrieval:
         if options.sources is not None:
             self.enabled_sources = set(options.sources)
         self.search_mode = options.search
+        limit = AUTO_NEIGHBOURS_MAX_ITEMS if self.search_mode == "auto" else None
         self.index.configure(
-            ctx.catalog, ctx.metrics, ItemNeighbours(options.neighbours), keep=self.search_mode == "neighbours"
+            ctx.catalog, ctx.metrics, ItemNeighbours(options.neighbours, limit), keep=self.search_mode != "scan"
         )
         self.cache_max_items = ctx.settings.vector_cache_max_items
         worker = asyncio.create_task(self.index.work(lambda: self._open(ctx)), name="content-embedding")

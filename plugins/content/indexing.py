@@ -52,7 +52,7 @@ class CatalogIndex:
         self.vectors: ItemVectors | None = None
         self.writes: RetriedWrites | None = None
         self.neighbours = ItemNeighbours()
-        # only the neighbours search mode keeps a table that must learn of new vectors
+        # only the neighbours and auto search modes keep a table that must learn of new vectors
         self.keep_neighbours = False
         # why the model or Qdrant could not be opened, for recsys_settle and health to report
         self.failure: str | None = None
@@ -169,7 +169,10 @@ class CatalogIndex:
                 vectors.cancel_fit()
                 raise
             vectors.install_projection(fitted)
-        if vectors is not None and self.keep_neighbours and neighbours.needs_build(vectors, self.idle):
+        if vectors is None or not self.keep_neighbours:
+            return
+        neighbours.follow_limit(vectors)
+        if neighbours.needs_build(vectors, self.idle):
             neighbours.start_build()
             neighbours.install(await in_daemon_thread(neighbours.build, vectors))
 

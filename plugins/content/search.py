@@ -2,7 +2,9 @@
 
 "scan": every query scans the projected catalog (best recall); "neighbours": a taste query
 scores only the precomputed nearest items of the user's recent items (cost independent of
-catalog size). Catalogs larger than the in-memory cache are searched in Qdrant.
+catalog size, a table whose build grows with the square of the catalog); "auto", the default:
+neighbours while the catalog holds at most AUTO_NEIGHBOURS_MAX_ITEMS vectors, scan beyond.
+Catalogs larger than the in-memory cache are searched in Qdrant.
 
 A batch of queries (the users owed a push at one moment) is answered at once: every vector
 that scans joins one scan of the projection.
@@ -23,7 +25,10 @@ from agent.vectors.qdrant_store import VectorStore
 from plugins.content.profile import PROFILE_REASON
 from plugins.content.taste import Taste
 
-SEARCH_MODES = ("scan", "neighbours")
+SEARCH_MODES = ("auto", "scan", "neighbours")
+# "auto" keeps a neighbour table up to this many item vectors: its build then costs under a
+# minute of one core, in a worker thread (see agent/vectors/item_neighbours.py)
+AUTO_NEIGHBOURS_MAX_ITEMS = 100_000
 # (slots, scores) per query vector, best first
 Hits = list[tuple[np.ndarray, np.ndarray]]
 
@@ -50,7 +55,9 @@ def search_memory(asked: list[Asked], vectors: ItemVectors, neighbours: ItemNeig
         anchors = [slot for slot, _ in one.taste.positives]
         # Taste queries score the neighbours of the user's recent items (by the projected
         # vectors: a few hundred rows, no scan); a profile query has no anchor items and scans.
-        pool = neighbours.candidates(anchors, vectors, query.allowed()) if neighbours.ready and anchors else None
+        pool = (
+            neighbours.candidates(anchors, vectors, query.allowed()) if anchors and neighbours.serves(vectors) else None
+        )
         for j, (source, vector) in enumerate(one.vectors):
             if pool is None or source == "profile":
                 scans.setdefault(query.n_candidates, []).append((i, j))

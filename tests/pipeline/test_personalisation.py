@@ -81,13 +81,14 @@ def ids(pipeline: Pipeline, cands: Candidates) -> list[str]:
     return [pipeline.catalog.ids[s] for s in cands.slots.tolist()]
 
 
-@pytest.mark.parametrize("search", ["scan", "neighbours", "qdrant"])
+@pytest.mark.parametrize("search", ["auto", "scan", "neighbours", "qdrant"])
 async def test_content_source_follows_the_users_taste_with_reasons(tmp_path: Path, search: str) -> None:
     # "qdrant": a catalog above vector_cache_max_items is searched in Qdrant itself
     options = {"search": "scan" if search == "qdrant" else search, "neighbours": 4}
     limit = 0 if search == "qdrant" else 500_000
     async with pipeline_on(tmp_path, plugins={"content": options}, vector_cache_max_items=limit) as pipeline:
-        assert pipeline.pm.get_plugin("content").neighbours.ready == (search == "neighbours")
+        # auto, the default, keeps a neighbour table for a catalog of this size
+        assert pipeline.pm.get_plugin("content").neighbours.ready == (search in ("auto", "neighbours"))
         for n, item in enumerate(["sw", "trek"]):
             await pipeline.apply_event(ev(n, "ann", item))
         found = await sources_for(pipeline, "ann")
@@ -487,6 +488,51 @@ def test_neighbours_of_recent_items_hold_the_taste_vectors_nearest_items() -> No
     assert 3_000 not in neighbours.unindexed and len(neighbours.table) > 3_000 and neighbours.table[3_000, 0] >= 0
 
 
+def test_a_neighbour_table_with_a_limit_is_dropped_once_the_catalog_outgrows_it() -> None:
+    rng = np.random.default_rng(6)
+    matrix, _ = clustered_vectors(rng, 600)
+    vectors = ItemVectors(384)
+    vectors.set(list(range(500)), matrix[:500], ["h"] * 500)
+    vectors.refit()
+    neighbours = ItemNeighbours(max_items=550)
+    neighbours.changed(list(range(500)))
+    neighbours.follow_limit(vectors)
+    assert neighbours.needs_build(vectors)
+    neighbours.start_build()
+    neighbours.install(neighbours.build(vectors))
+    assert neighbours.serves(vectors)
+    vectors.set(list(range(500, 600)), matrix[500:], ["h"] * 100)
+    neighbours.changed(list(range(500, 600)))
+    # beyond the limit: not served (searches scan), not rebuilt, and the table's memory freed
+    assert not neighbours.serves(vectors) and not neighbours.needs_build(vectors)
+    neighbours.follow_limit(vectors)
+    assert not neighbours.ready and len(neighbours.table) == 0 and not neighbours.unindexed
+    neighbours.changed([599])
+    assert not neighbours.unindexed, "changes beyond the limit are not tracked"
+    # back within it (items removed): a whole build follows
+    for slot in range(540, 600):
+        vectors.remove(slot)
+    neighbours.follow_limit(vectors)
+    assert neighbours.needs_build(vectors)
+    neighbours.start_build()
+    neighbours.install(neighbours.build(vectors))
+    assert neighbours.serves(vectors) and neighbours.table[539, 0] >= 0 and neighbours.table[560, 0] < 0
+
+
+async def test_content_search_in_auto_mode_scans_a_catalog_above_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("plugins.content.AUTO_NEIGHBOURS_MAX_ITEMS", 3)
+    async with pipeline_on(tmp_path) as pipeline:
+        content = pipeline.pm.get_plugin("content")
+        assert content.search_mode == "auto" and not content.neighbours.ready
+        for n, item in enumerate(["sw", "trek"]):
+            await pipeline.apply_event(ev(n, "ann", item))
+        found = await sources_for(pipeline, "ann")
+        # answered by a scan of the catalog, as search = "scan" would
+        assert set(ids(pipeline, found["content_recent"])[:3]) <= SCIFI - {"sw", "trek"}
+
+
 async def test_pushes_shift_toward_the_genre_a_user_engages_with(settings: Settings, client: Client) -> None:
     genre_share: list[float] = []
     async with Agent(settings) as agent:
@@ -550,7 +596,7 @@ async def test_fusion_weights_survive_a_restart_in_jetstream_kv(settings: Settin
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"search": "fast"}, r"\[plugins.content\] option 'search' must be one of scan, neighbours"),
+        ({"search": "fast"}, r"\[plugins.content\] option 'search' must be one of auto, scan, neighbours"),
         ({"search": "neighbours", "neighbours": "32"}, r"option 'neighbours' must be an integer, got '32'"),
         ({"neighbours": 0}, r"option 'neighbours' must be at least 1"),
         ({"serach": "scan"}, r"\[plugins.content\] has no option 'serach'"),
