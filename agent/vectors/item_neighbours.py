@@ -27,6 +27,9 @@ BLOCK_ROWS = 512
 # rebuild once this share of the catalog (or REBUILD_MIN items) was embedded since the last build
 REBUILD_SHARE = 0.05
 REBUILD_MIN = 64
+# a table dropped beyond max_items is built again only once the catalog is back below this
+# share of it: a catalog that churns around the limit is not rebuilt at every dip
+REBUILD_BELOW = 0.9
 
 
 class ItemNeighbours:
@@ -63,9 +66,14 @@ class ItemNeighbours:
         return self.ready and self.within_limit(vectors)
 
     def follow_limit(self, vectors: ItemVectors) -> None:
-        """Drops the table once the catalog has outgrown ``max_items`` (and stops tracking
-        changes until it is back within it, when a whole build follows)."""
-        self._beyond = not self.within_limit(vectors)
+        """Drops the table once the catalog has outgrown ``max_items``, and stops tracking
+        changes until it is back below ``REBUILD_BELOW`` of it, when a whole build follows."""
+        if self.max_items is None:
+            return
+        if vectors.count > self.max_items:
+            self._beyond = True
+        elif vectors.count <= REBUILD_BELOW * self.max_items:
+            self._beyond = False
         if self._beyond and (self.ready or self.unindexed):
             self.table = np.full((0, self.k), -1, dtype=np.int64)
             self.built_on = 0
@@ -84,8 +92,9 @@ class ItemNeighbours:
     def needs_build(self, vectors: ItemVectors, idle: bool = True) -> bool:
         """Whether to rebuild: after 5 % of the catalog changed when nothing more is queued,
         else only once it doubled (a catalog loading in batches is not rebuilt per batch); never
-        beyond ``max_items``."""
-        if vectors.count <= self.k or not self.within_limit(vectors):
+        beyond ``max_items``, nor after a drop until ``follow_limit`` saw the catalog back below
+        ``REBUILD_BELOW`` of it."""
+        if vectors.count <= self.k or self._beyond or not self.within_limit(vectors):
             return False
         if not self.ready:
             return True

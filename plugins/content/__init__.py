@@ -73,7 +73,7 @@ class ContentRetrieval:
     """Options (``[plugins.content]``): ``sources`` (which of ``content_recent``,
     ``content_long``, ``profile`` to propose; default all); ``search`` (``auto``, the default,
     ``scan`` or ``neighbours``: see SEARCH_MODES and the README's benchmark figures); ``neighbours``
-    (how many nearest items the ``neighbours`` mode keeps per item, default 32)."""
+    (how many nearest items the ``neighbours`` and ``auto`` modes keep per item, default 32)."""
 
     def __init__(self) -> None:
         self.index = CatalogIndex()

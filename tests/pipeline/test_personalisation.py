@@ -509,23 +509,35 @@ def test_a_neighbour_table_with_a_limit_is_dropped_once_the_catalog_outgrows_it(
     assert not neighbours.ready and len(neighbours.table) == 0 and not neighbours.unindexed
     neighbours.changed([599])
     assert not neighbours.unindexed, "changes beyond the limit are not tracked"
-    # back within it (items removed): a whole build follows
+    # just within it again (items removed): still no build, so churn at the limit is not
+    # rebuilt at every dip
     for slot in range(540, 600):
+        vectors.remove(slot)
+    neighbours.follow_limit(vectors)
+    assert not neighbours.needs_build(vectors) and not neighbours.serves(vectors)
+    # below 0.9 of it: a whole build follows
+    for slot in range(490, 540):
         vectors.remove(slot)
     neighbours.follow_limit(vectors)
     assert neighbours.needs_build(vectors)
     neighbours.start_build()
     neighbours.install(neighbours.build(vectors))
-    assert neighbours.serves(vectors) and neighbours.table[539, 0] >= 0 and neighbours.table[560, 0] < 0
+    assert neighbours.serves(vectors) and neighbours.table[489, 0] >= 0 and neighbours.table[520, 0] < 0
 
 
 async def test_content_search_in_auto_mode_scans_a_catalog_above_its_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # 4 neighbours a film: below the limit this catalog gets a table (the parametrised test above)
     monkeypatch.setattr("plugins.content.AUTO_NEIGHBOURS_MAX_ITEMS", 3)
-    async with pipeline_on(tmp_path) as pipeline:
+    async with pipeline_on(tmp_path, plugins={"content": {"neighbours": 4}}) as pipeline:
         content = pipeline.pm.get_plugin("content")
-        assert content.search_mode == "auto" and not content.neighbours.ready
+        assert content.search_mode == "auto" and not content.neighbours.serves(content.vectors)
+
+        def no_table(*args: object) -> None:
+            raise AssertionError("a catalog above the limit must be scanned, not read from the table")
+
+        monkeypatch.setattr(content.neighbours, "candidates", no_table)
         for n, item in enumerate(["sw", "trek"]):
             await pipeline.apply_event(ev(n, "ann", item))
         found = await sources_for(pipeline, "ann")
